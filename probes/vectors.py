@@ -1,0 +1,93 @@
+"""Emotion vectors (the paper's mean differences, denoised) and a trained linear probe.
+
+Everything works on standardized activations: the residual stream has outlier
+dimensions thousands of times larger than the median, which would otherwise own every
+projection and distance.
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils.multiclass import unique_labels
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+
+def standardizer(X: np.ndarray, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and scale of activations [n, d]."""
+    X = np.asarray(X, dtype=np.float64)
+    return X.mean(0), X.std(0) + eps
+
+
+def neutral_components(Z_neutral: np.ndarray, variance: float = 0.5) -> np.ndarray:
+    """Orthonormal top principal components [k, d] of neutral activations that together
+    explain ``variance`` of their variance (the paper's denoising basis)."""
+    Zc = Z_neutral - Z_neutral.mean(0)
+    _, s, vt = np.linalg.svd(Zc, full_matrices=False)
+    share = np.cumsum(s**2) / np.sum(s**2)
+    k = int(np.searchsorted(share, variance) + 1)
+    return vt[:k]
+
+
+def emotion_vectors(Z: np.ndarray, y: np.ndarray, n_classes: int, noise: np.ndarray | None = None) -> np.ndarray:
+    """Unit vectors [n_classes, d]: each class mean minus the mean of class means, with
+    the ``noise`` components projected out. Classes with no samples get zero vectors."""
+    d = Z.shape[1]
+    means = np.zeros((n_classes, d))
+    present = np.zeros(n_classes, dtype=bool)
+    for c in range(n_classes):
+        rows = Z[y == c]
+        if len(rows):
+            means[c] = rows.mean(0)
+            present[c] = True
+    V = means - means[present].mean(0)
+    V[~present] = 0
+    if noise is not None and len(noise):
+        V = V - (V @ noise.T) @ noise
+    norms = np.linalg.norm(V, axis=1, keepdims=True)
+    return np.divide(V, norms, out=np.zeros_like(V), where=norms > 0)
+
+
+class EmotionProbe(ClassifierMixin, BaseEstimator):
+    """Multinomial logistic regression on standardized activations.
+
+    The scaling is learned inside ``fit`` so the probe is one linear map of the raw
+    residual stream: ``coef_`` and ``intercept_`` already include it.
+    """
+
+    def __init__(self, C: float = 0.1, max_iter: int = 300):
+        self.C = C
+        self.max_iter = max_iter
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y)
+        self.classes_ = unique_labels(y)
+        self.mean_, self.scale_ = standardizer(X)
+        lr = LogisticRegression(C=self.C, max_iter=self.max_iter)
+        lr.fit((X - self.mean_) / self.scale_, y)
+        # Fold the standardization into one affine map of raw activations.
+        coef = lr.coef_ if len(self.classes_) > 2 else np.vstack([-lr.coef_, lr.coef_]) / 2
+        icpt = lr.intercept_ if len(self.classes_) > 2 else np.array([-lr.intercept_[0], lr.intercept_[0]]) / 2
+        self.coef_ = coef / self.scale_
+        self.intercept_ = icpt - self.coef_ @ self.mean_
+        self.n_iter_ = lr.n_iter_
+        return self
+
+    def decision_function(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False)
+        return X @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X):
+        s = self.decision_function(X)
+        s = s - s.max(1, keepdims=True)
+        p = np.exp(s)
+        return p / p.sum(1, keepdims=True)
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.decision_function(X), 1)]
+
+
+def topk_accuracy(scores: np.ndarray, y: np.ndarray, k: int) -> float:
+    top = np.argsort(-scores, axis=1)[:, :k]
+    return float(np.mean([yi in row for yi, row in zip(y, top)]))

@@ -1,0 +1,112 @@
+"""Layer naming, early stop, padding invariance, pooling and chat positions."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from probes.capture import (chat_read_positions, decoder_layers, hidden_states, pad_batch, pool,
+                            pooled_states, token_states, windows)
+
+TEXTS = ["i took 4 mg of tylenol for my back pain .", "the dog is home", "help",
+         "we must fix the code now , the tests still fail again and again and the deadline is at night ."]
+
+
+def ids(tok, texts):
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def test_layer_k_is_output_of_block_k(tiny):
+    model, tok = tiny
+    seq = ids(tok, TEXTS[:1])
+    x, m = pad_batch(seq, tok.pad_token_id)
+    mine = hidden_states(model, x, m, [0, 2])
+    with torch.no_grad():
+        ref = model(input_ids=x, attention_mask=m, output_hidden_states=True).hidden_states
+    assert torch.allclose(mine[0], ref[1], atol=1e-5)
+    assert torch.allclose(mine[2], ref[3], atol=1e-5)
+
+
+def test_capture_stops_at_deepest_layer(tiny):
+    model, tok = tiny
+    blocks = decoder_layers(model)
+    called = []
+    h = blocks[-1].register_forward_hook(lambda *a: called.append(1))
+    try:
+        x, m = pad_batch(ids(tok, TEXTS[:1]), tok.pad_token_id)
+        hidden_states(model, x, m, [1])
+    finally:
+        h.remove()
+    assert called == []
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_never_changes_a_readout(tiny, side):
+    model, tok = tiny
+    seqs = ids(tok, TEXTS)
+    alone = [hidden_states(model, *pad_batch([s], 0), [2])[2][0] for s in seqs]
+    x, m = pad_batch(seqs, tok.pad_token_id, side)
+    batch = hidden_states(model, x, m, [2])[2]
+    for i, s in enumerate(seqs):
+        rows = m[i].bool()
+        assert torch.allclose(batch[i][rows], alone[i], atol=1e-4), (side, i)
+
+
+def test_batch_of_64_matches_batch_of_1(tiny_llama):
+    model, tok = tiny_llama
+    seqs = ids(tok, TEXTS) * 16
+    big = pooled_states(model, seqs, [1, 3], pad_id=0, batch_size=64)
+    one = pooled_states(model, seqs[:4], [1, 3], pad_id=0, batch_size=1)
+    np.testing.assert_allclose(big[:4], one, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=5), st.integers(0, 6))
+def test_pool_ignores_padding(lengths, start):
+    torch.manual_seed(0)
+    h = torch.randn(len(lengths), max(lengths), 4)
+    for how in ("mean", "last", "max"):
+        for side in ("left", "right"):
+            _, mask = pad_batch([[1] * n for n in lengths], 0, side)
+            hh = h.clone()
+            hh[mask == 0] = 1e6  # garbage in pad positions must not leak
+            got = pool(hh, mask, how, start)
+            for i, n in enumerate(lengths):
+                real = hh[i][mask[i].bool()]
+                k = min(start, n // 2)
+                ref = {"mean": real[k:].mean(0), "max": real[k:].amax(0), "last": real[-1]}[how]
+                assert torch.allclose(got[i], ref, atol=1e-5)
+
+
+@given(st.integers(1, 600), st.integers(8, 128))
+def test_windows_cover_each_token_once(n, size):
+    overlap = size // 4
+    wins = windows(n, size, overlap)
+    owned = []
+    for k, (b, e, own) in enumerate(wins):
+        assert e - b <= size
+        next_own = wins[k + 1][2] if k + 1 < len(wins) else n
+        owned += list(range(own, next_own))
+    assert owned == list(range(n))
+
+
+def test_long_text_read_in_windows_matches_short_reads(tiny_llama):
+    model, tok = tiny_llama
+    seq = ids(tok, [" ".join(TEXTS * 6)])[0]
+    with pytest.warns(UserWarning, match="overlapping windows"):
+        long = token_states(model, [seq], 2, max_len=32, overlap=16)[0]
+    full = token_states(model, [seq], 2, max_len=1024)[0]
+    assert long.shape == full.shape
+    np.testing.assert_allclose(long[:32], full[:32], atol=1e-4)  # first window is exact
+
+
+def test_chat_read_positions(tokenizer):
+    seq, reply, user_last = chat_read_positions(tokenizer, "i took 8 mg of tylenol")
+    toks = tokenizer.convert_ids_to_tokens(seq)
+    assert reply == len(seq) - 1 and toks[reply] == "\n" and toks[reply - 1] == "assistant"
+    assert toks[user_last] == "tylenol"
+
+
+def test_check_layer_out_of_range(tiny_llama):
+    model, tok = tiny_llama
+    with pytest.raises(ValueError, match="out of range"):
+        hidden_states(model, *pad_batch([[5, 6]], 0), [99])
