@@ -127,19 +127,22 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean", start: int
     return hidden.masked_fill(~keep[..., None], float("-inf")).amax(1)
 
 
-def windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int, int]]:
-    """Overlapping windows over a long sequence: (begin, end, first token this window
-    owns). Each token is owned by exactly one window, the one giving it most context."""
+def windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Overlapping windows over a long sequence: (begin, end, own_from, own_to). Each
+    token is owned by exactly one window; past the first, a window gives up the first
+    ``overlap // 2`` of its tokens, which the previous window read with more context."""
     if n_tokens <= size:
-        return [(0, n_tokens, 0)]
+        return [(0, n_tokens, 0, n_tokens)]
     step = size - overlap
-    out, begin = [], 0
+    spans, begin = [], 0
     while True:
         end = min(begin + size, n_tokens)
-        out.append((begin, end, 0 if begin == 0 else begin + overlap // 2))
+        spans.append((begin, end))
         if end == n_tokens:
-            return out
+            break
         begin += step
+    owns = [0] + [b + overlap // 2 for b, _ in spans[1:]] + [n_tokens]
+    return [(b, e, owns[k], owns[k + 1]) for k, (b, e) in enumerate(spans)]
 
 
 def max_context(model, tokenizer, cap: int = 2048) -> int:
@@ -155,7 +158,7 @@ def token_states(model, seqs: Sequence[Sequence[int]], layer: int, *, pad_id: in
     """Per-token residual stream at one layer for each sequence: [tokens, hidden] each.
     Sequences longer than ``max_len`` are read in overlapping windows and stitched."""
     layer = check_layer(model, layer)
-    pieces = []  # (sequence index, window index, begin, end, first owned token)
+    pieces = []  # (sequence index, window index, begin, end, own_from, own_to)
     for i, s in enumerate(seqs):
         wins = windows(len(s), max_len, overlap)
         if len(wins) > 1:
@@ -166,10 +169,10 @@ def token_states(model, seqs: Sequence[Sequence[int]], layer: int, *, pad_id: in
     order = sorted(range(len(pieces)), key=lambda p: pieces[p][3] - pieces[p][2])
     for b in range(0, len(order), batch_size):
         chunk = [pieces[p] for p in order[b:b + batch_size]]
-        ids, mask = pad_batch([seqs[i][begin:end] for i, _, begin, end, _ in chunk], pad_id)
+        ids, mask = pad_batch([seqs[i][begin:end] for i, _, begin, end, _, _ in chunk], pad_id)
         h = hidden_states(model, ids, mask, [layer])[layer]
-        for row, (i, k, begin, end, own) in enumerate(chunk):
-            parts[i, k] = h[row, own - begin:end - begin].float()
+        for row, (i, k, begin, _, own_from, own_to) in enumerate(chunk):
+            parts[i, k] = h[row, own_from - begin:own_to - begin].float()
     return [torch.cat([parts[i, k] for k in range(len(windows(len(s), max_len, overlap)))], 0)
             for i, s in enumerate(seqs)]
 

