@@ -129,7 +129,7 @@ def generate(model, tokenizer, jobs: list[Job], out: Path, *, batch_size: int = 
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {r["id"] for r in read_jsonl(out)} if out.exists() else set()
+    done = {r["id"] for r in read_jsonl_raw(out)} if out.exists() else set()
     todo = [j for j in jobs if j.id not in done]
     # Terminate a torn last line from a kill so the next append starts cleanly.
     if out.exists() and out.stat().st_size and not out.read_bytes().endswith(b"\n"):

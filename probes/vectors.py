@@ -24,6 +24,8 @@ def neutral_components(Z_neutral: np.ndarray, variance: float = 0.5) -> np.ndarr
     explain ``variance`` of their variance (the paper's denoising basis)."""
     Zc = Z_neutral - Z_neutral.mean(0)
     _, s, vt = np.linalg.svd(Zc, full_matrices=False)
+    if np.sum(s**2) == 0:
+        return vt[:0]
     share = np.cumsum(s**2) / np.sum(s**2)
     k = int(np.searchsorted(share, variance) + 1)
     return vt[:k]
@@ -66,26 +68,26 @@ class EmotionProbe(ClassifierMixin, BaseEstimator):
         lr = LogisticRegression(C=self.C, max_iter=self.max_iter)
         lr.fit((X - self.mean_) / self.scale_, y)
         # Fold the standardization into one affine map of raw activations.
-        coef = lr.coef_ if len(self.classes_) > 2 else np.vstack([-lr.coef_, lr.coef_]) / 2
-        icpt = lr.intercept_ if len(self.classes_) > 2 else np.array([-lr.intercept_[0], lr.intercept_[0]]) / 2
-        self.coef_ = coef / self.scale_
-        self.intercept_ = icpt - self.coef_ @ self.mean_
+        self.coef_ = lr.coef_ / self.scale_
+        self.intercept_ = lr.intercept_ - self.coef_ @ self.mean_
         self.n_iter_ = lr.n_iter_
         return self
 
     def decision_function(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False)
-        return X @ self.coef_.T + self.intercept_
+        scores = X @ self.coef_.T + self.intercept_
+        return scores.ravel() if scores.shape[1] == 1 else scores  # sklearn's binary convention
 
     def predict_proba(self, X):
         s = self.decision_function(X)
-        s = s - s.max(1, keepdims=True)
-        p = np.exp(s)
+        s = np.column_stack([-s / 2, s / 2]) if s.ndim == 1 else s
+        p = np.exp(s - s.max(1, keepdims=True))
         return p / p.sum(1, keepdims=True)
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.decision_function(X), 1)]
+        check_is_fitted(self)
+        return self.classes_[np.argmax(self.predict_proba(X), 1)]
 
 
 def topk_accuracy(scores: np.ndarray, y: np.ndarray, k: int) -> float:
