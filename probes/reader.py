@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from .bank import ProbeBank
-from .capture import chat_read_positions, max_context, token_states
+from .tokens import chat_read_positions
 
 POOLS = ("mean", "last", "max")
 
@@ -75,7 +75,8 @@ class TorchReader(BaseReader):
     def __init__(self, model, tokenizer, bank: ProbeBank, batch_size: int = 16):
         import torch
 
-        from .models import fingerprint, check_fingerprint
+        from .capture import max_context
+        from .models import check_fingerprint, fingerprint
 
         check_fingerprint(bank.model, fingerprint(model, tokenizer), what="probe bank")
         self.model, self.tokenizer, self.bank, self.batch_size = model, tokenizer, bank, batch_size
@@ -84,6 +85,8 @@ class TorchReader(BaseReader):
         self._W, self._b = torch.from_numpy(W), torch.from_numpy(b)
 
     def score_ids(self, seqs):
+        from .capture import token_states
+
         hs = token_states(self.model, seqs, self.bank.layer, pad_id=self.tokenizer.pad_token_id or 0,
                           batch_size=self.batch_size, max_len=self.max_len)
         return [(h @ self._W.T + self._b).numpy() for h in hs]

@@ -44,10 +44,12 @@ def emotion_vectors(Z: np.ndarray, y: np.ndarray, n_classes: int, noise: np.ndar
             present[c] = True
     V = means - means[present].mean(0)
     V[~present] = 0
+    before = np.linalg.norm(V, axis=1, keepdims=True)
     if noise is not None and len(noise):
         V = V - (V @ noise.T) @ noise
     norms = np.linalg.norm(V, axis=1, keepdims=True)
-    return np.divide(V, norms, out=np.zeros_like(V), where=norms > 0)
+    # A vector that lies (numerically) inside the noise subspace has no direction left.
+    return np.divide(V, norms, out=np.zeros_like(V), where=norms > 1e-9 * np.maximum(before, 1e-12))
 
 
 class EmotionProbe(ClassifierMixin, BaseEstimator):
