@@ -48,23 +48,30 @@ def select(rows: list[dict], stories_per_emotion: int | None) -> list[dict]:
 
 
 def read_activations(model, tokenizer, texts: list[str], *, start: int, batch_size: int = 16,
-                     max_tokens: int = 512, key_extra: str = "") -> np.ndarray:
-    """Mean-pooled activations [n, layers, hidden] of every layer, cached on disk by
-    model fingerprint and text hash (safetensors, never pickle)."""
+                     max_tokens: int = 512) -> np.ndarray:
+    """Mean-pooled activations [n, layers, hidden] of every layer. Cached per text on
+    disk (safetensors, never pickle) by model fingerprint and pooling settings, so a
+    larger corpus or a subset re-reads only what is new."""
     from safetensors.numpy import load_file, save_file
 
     fp = fingerprint(model, tokenizer)
-    h = hashlib.sha256(json.dumps([fp, start, max_tokens, key_extra, texts], ensure_ascii=False).encode()).hexdigest()[:20]
-    path = cache_dir() / "activations" / f"{fp['name'].replace('/', '_')}-{h}.safetensors"
-    if path.exists():
-        log(f"activations from cache {path}")
-        return load_file(str(path))["acts"]
-    seqs = [tokenizer(t)["input_ids"][:max_tokens] for t in texts]
-    acts = pooled_states(model, seqs, range(fp["layers"]), pad_id=tokenizer.pad_token_id or 0, how="mean",
-                         start=start, batch_size=batch_size, progress="reading corpus")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"acts": acts}, str(path))
-    return acts
+    settings = hashlib.sha256(json.dumps([fp, start, max_tokens]).encode()).hexdigest()[:16]
+    path = cache_dir() / "activations" / f"{fp['name'].replace('/', '_')}-{settings}.safetensors"
+    store = load_file(str(path)) if path.exists() else {}
+    keys = [hashlib.sha256(t.encode()).hexdigest()[:24] for t in texts]
+    todo = sorted({k: t for k, t in zip(keys, texts) if k not in store}.items())
+    if len(todo) < len(texts):
+        log(f"{len(texts) - len(todo)} of {len(texts)} texts' activations from cache {path.name}")
+    if todo:
+        seqs = [tokenizer(t)["input_ids"][:max_tokens] for _, t in todo]
+        acts = pooled_states(model, seqs, range(fp["layers"]), pad_id=tokenizer.pad_token_id or 0, how="mean",
+                             start=start, batch_size=batch_size, progress="reading corpus")
+        store.update({k: a for (k, _), a in zip(todo, acts)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(store, str(tmp))
+        tmp.replace(path)
+    return np.stack([store[k] for k in keys])
 
 
 def heldout_vectors(X: np.ndarray, y: np.ndarray, groups: np.ndarray, N: np.ndarray, n_classes: int,
