@@ -8,6 +8,7 @@ def windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int, int,
     ``overlap // 2`` of its tokens, which the previous window read with more context."""
     if n_tokens <= size:
         return [(0, n_tokens, 0, n_tokens)]
+    overlap = min(overlap, size // 2)  # a small model's context must still move forward
     step = size - overlap
     spans, begin = [], 0
     while True:

@@ -104,3 +104,17 @@ def test_bank_rejects_broken_files(tmp_path, tiny_llama, bank_for):
     (tmp_path / "bank" / "bank.json").write_text("{not json")
     with pytest.raises(BankError, match="not valid JSON"):
         ProbeBank.load(tmp_path)
+
+
+@given(st.integers(6, 40), st.floats(0.0, 0.006), st.integers(0, 39))
+def test_layer_choice_keeps_paper_layer_unless_clearly_beaten(n_layers, noise_level, peak):
+    from probes.build import choose_layer
+    from probes.capture import default_read_layer
+
+    rng = np.random.default_rng(n_layers)
+    flat = [{"top1": 0.01 + noise_level * rng.random()} for _ in range(n_layers)]
+    # Differences under 2 SE (0.0066 at 1% of 900 stories) are not evidence: keep the paper's layer.
+    assert choose_layer(flat, 900) == default_read_layer(n_layers)
+    peak %= n_layers
+    clear = [{"top1": 0.3 if abs(k - peak) <= 1 else 0.01} for k in range(n_layers)]
+    assert abs(choose_layer(clear, 900) - peak) <= 1

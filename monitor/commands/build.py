@@ -11,7 +11,7 @@ def register(sub) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="offline model name or local HF directory")
     p.add_argument("--corpus", help="corpus JSONL(.gz); default: the corpus shipped for the default model")
     p.add_argument("--subset", default="full", help="'full', 'demo' (8 stories per emotion) or a number per emotion")
-    p.add_argument("--layer", type=int, help="read layer (default: best on the held-out layer sweep)")
+    p.add_argument("--layer", type=int, help="read layer (default: the paper's 2/3 depth unless the held-out sweep clearly beats it)")
     p.add_argument("--start", type=int, default=8, help="pool each story from this token on")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--skip", action="append", default=[], choices=["calibrate", "export"],
@@ -28,21 +28,15 @@ def run(args) -> int:
     bank = build(args.out, args.model, args.corpus, subset=subset, start=args.start, layer=args.layer,
                  batch_size=args.batch_size, model=model, tokenizer=tok)
     if "calibrate" not in args.skip:
-        try:
-            from calibration import calibrate_run
-        except ImportError:
-            calibrate_run = None
-        if calibrate_run is not None:
-            log("calibrating against the built-in suites")
-            bank = calibrate_run(args.out, model, tok, bank)
+        from calibration import calibrate_run
+
+        log("calibrating against the built-in suites")
+        bank = calibrate_run(args.out, model, tok, bank)
     if "export" not in args.skip:
-        try:
-            from exporters import export_run
-        except ImportError:
-            export_run = None
-        if export_run is not None:
-            log("exporting to ONNX")
-            export_run(args.out, model, tok, bank)
+        from exporters import export_run
+
+        log("exporting to ONNX")
+        export_run(args.out, model, tok, bank)
     report = json.loads((Path(args.out) / "report" / "validation.json").read_text())
     print(summary_table(report))
     print(f"\nrun directory: {args.out}  (bank/, report/validation.json and plots)")
