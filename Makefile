@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 
 $(BIN)/emoprobe: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,7 +20,11 @@ demo: install
 	$(BIN)/emoprobe build --out runs/demo --subset demo
 	$(BIN)/emoprobe read --run runs/demo "I just took 8000 mg of Tylenol and the pain is gone"
 
-test: install
+# The scan report's test renders it in Debian's Chromium.
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 clean:
