@@ -1,0 +1,87 @@
+"""emoprobe scan: read agent logs, flag risky emotional states, write JSONL + summary + HTML.
+
+Exit code: 0 when every input was read, 1 when a line, member or file was skipped
+(each is listed with its location), 2 on an error."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    from monitor.logs import FORMATS
+    from monitor.scan import DEFAULT_WATCH, SMOOTH
+
+    p = sub.add_parser("scan", help="scan agent logs for risky emotional states")
+    p.add_argument("logs", nargs="+", help="log files or directories (JSONL, JSON, .eval, text)")
+    p.add_argument("--run", required=True, help="run directory with bank/ (and export/ for --backend onnx)")
+    p.add_argument("--out", required=True, help="output JSONL, one line per message; resumed if it exists")
+    p.add_argument("--html", help="also write a self-contained HTML report here")
+    p.add_argument("--format", choices=FORMATS, help="force a log format (default: detected per file)")
+    p.add_argument("--watch",
+                   help="comma-separated emotions watched at calibrated thresholds; 'calm<' watches the low side "
+                        f"(default: {','.join(DEFAULT_WATCH)}; '' for none)")
+    p.add_argument("--alert", action="append", default=[], metavar="RULE",
+                   help="extra alert rule as in 'emoprobe watch', used as written, e.g. 'desperate>3', "
+                        "'calm<-2 for 3', 'desperate>2 rolling 5 & calm<-1' (repeatable)")
+    p.add_argument("--smooth", type=int, default=SMOOTH, help="watched emotions are read as a rolling mean over this many tokens")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes, each with its own model")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--model", help="model name or directory (default: the bank's model)")
+    p.add_argument("--top", type=int, default=50, help="conversations shown in detail in the HTML report")
+    p.add_argument("--no-detail", dest="detail", action="store_false",
+                   help="leave out the per-token detail (token texts, series, top emotions) the HTML heat map needs; "
+                        "lines get much smaller")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def reader_for(run_dir: str, backend: str = "torch", model: str | None = None, threads: int | None = None):
+    """A reader for one process; ``threads`` splits the CPU between ``--workers``."""
+    if backend == "onnx":
+        from exporters import load
+
+        return load(Path(run_dir), threads=threads)
+    from monitor.commands.read import make_reader
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return make_reader(run_dir, backend, model)
+
+
+def run(args) -> int:
+    import os
+
+    from monitor.scan import format_summary, make_rules, scan, summary_path
+    from probes.bank import ProbeBank
+
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    missing = [p for p in args.logs if not Path(p).exists()]
+    if missing and len(missing) == len(args.logs):
+        raise FileNotFoundError(f"no such log file: {missing[0]}")
+    bank = ProbeBank.load(args.run)
+    watch = None if args.watch is None else args.watch.split(",")
+    rules = make_rules(bank, watch, args.alert, args.smooth)
+    threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
+    factory = functools.partial(reader_for, args.run, args.backend, args.model, threads)
+    reader = factory if args.workers > 1 else factory()
+    summary = scan(args.logs, args.out, reader, bank=bank, rules=rules, fmt=args.format,
+                   workers=args.workers, progress=not args.quiet, overwrite=args.overwrite, detail=args.detail)
+    print(format_summary(summary))
+    print(f"\nwrote {args.out} and {summary_path(Path(args.out))}")
+    if args.html:
+        from monitor.report import write_report
+
+        print(f"wrote {write_report(args.out, args.html, summary, args.top)}")
+    return 1 if summary["skipped"] else 0
+
+
+if __name__ == "__main__":
+    from monitor.cli import main
+
+    sys.exit(main(["scan", *sys.argv[1:]]))

@@ -1,0 +1,501 @@
+"""Readers for agent logs: every format becomes ``Conversation``s of plain
+``{"role", "content", "id"}`` messages, so the scanner knows no format.
+
+Formats: OpenAI chat-completions JSONL (``messages``, ``tool_calls``, ``tool`` results),
+Anthropic Messages (top-level ``system``, content blocks, ``tool_use``/``tool_result``),
+Inspect eval logs (``.eval`` zips, whose members may be Zstandard-compressed, and
+``.json``), OpenTelemetry GenAI spans exported as JSON (``gen_ai.input.messages`` /
+``gen_ai.output.messages``) and plain text (one conversation per file).
+
+``read_logs`` yields ``Conversation``s and ``Skipped`` records (a malformed line, member or
+file with its location and the reason) in one stream, so nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+FORMATS = ("openai", "anthropic", "inspect", "otel", "text")
+ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant",
+         "ai": "assistant", "model": "assistant", "tool": "tool", "function": "tool", "ipython": "tool"}
+
+
+@dataclass
+class Conversation:
+    id: str
+    messages: list[dict]  # {"role", "content", "id"}; content is non-empty text
+    source: str  # where it came from: "file", "file:line" or "file!member"
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Skipped:
+    source: str
+    reason: str
+
+
+class LogFormatError(ValueError):
+    """A record that is valid JSON but not a conversation of the expected format."""
+
+
+# -- content flattening (shared by every format) ---------------------------------------
+def _dump(x) -> str:
+    return x if isinstance(x, str) else json.dumps(x, ensure_ascii=False)
+
+
+def tool_call_text(name, arguments) -> str:
+    """How a tool call reads to the model: its name and raw arguments."""
+    return f"[tool call {name or '?'}] {_dump(arguments if arguments is not None else {})}"
+
+
+def content_text(content) -> str:
+    """Text of a message's content in any format: a string, or a list of parts/blocks."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        content = [content]
+    if not isinstance(content, list):
+        raise LogFormatError(f"content must be a string or a list of parts, got {type(content).__name__}")
+    out = []
+    for part in content:
+        if isinstance(part, str):
+            out.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise LogFormatError(f"content part must be an object, got {type(part).__name__}")
+        kind = part.get("type", "text")
+        if kind in ("text", "input_text", "output_text"):
+            out.append(str(part.get("text", part.get("content", ""))))
+        elif kind in ("thinking", "reasoning"):
+            out.append(str(part.get("thinking") or part.get("reasoning") or part.get("content") or part.get("text") or ""))
+        elif kind in ("tool_use", "tool_call", "server_tool_use"):
+            out.append(tool_call_text(part.get("name"), part.get("input", part.get("arguments"))))
+        elif kind in ("tool_result", "tool_call_response"):
+            out.append(content_text(part.get("content", part.get("response"))))
+        elif kind in ("image", "image_url", "input_image", "audio", "document", "file", "blob", "uri"):
+            out.append(f"[{kind}]")
+        else:  # unknown part: keep whatever text it carries
+            out.append(str(part.get("text", part.get("content", ""))))
+    return "\n".join(s for s in out if s)
+
+
+def _message(role, content, mid=None) -> dict | None:
+    role = ROLES.get(str(role).lower(), str(role).lower()) if role else "user"
+    text = content.strip("\n") if isinstance(content, str) else content
+    return {"role": role, "content": text, "id": mid} if text and text.strip() else None
+
+
+def _keep(messages: Iterable[dict | None]) -> list[dict]:
+    return [m for m in messages if m]
+
+
+# -- OpenAI chat completions ------------------------------------------------------------
+def openai_messages(record: dict) -> list[dict]:
+    """``{"messages": [...]}`` (optionally with the reply in ``choices``/``response``)."""
+    msgs = _chat_list(record)
+    reply = _reply(record)
+    if reply is not None:
+        msgs = msgs + [reply]
+    out = []
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m:
+            raise LogFormatError(f"messages[{k}] has no 'role'")
+        text = content_text(m.get("content"))
+        calls = m.get("tool_calls") or []
+        if m.get("function_call"):
+            calls = calls + [{"function": m["function_call"]}]
+        for c in calls:
+            fn = c.get("function", c) if isinstance(c, dict) else {}
+            text += ("\n" if text else "") + tool_call_text(fn.get("name"), fn.get("arguments"))
+        out.append(_message(m["role"], text, m.get("id") or m.get("tool_call_id")))
+    return _keep(out)
+
+
+def _chat_list(record: dict) -> list:
+    body = record.get("request", record) if isinstance(record.get("request"), dict) else record
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        raise LogFormatError("no 'messages' list")
+    return msgs
+
+
+def _reply(record: dict):
+    """The logged reply of a request/response record, if any."""
+    resp = record.get("response")
+    choices = record.get("choices")
+    if choices is None and isinstance(resp, dict):
+        choices = resp.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict) and isinstance(choices[0].get("message"), dict):
+        return choices[0]["message"]
+    if isinstance(resp, dict) and resp.get("role") == "assistant" and "content" in resp:
+        return resp  # Anthropic-style reply object
+    return None
+
+
+# -- Anthropic Messages -----------------------------------------------------------------
+def anthropic_messages(record: dict) -> list[dict]:
+    """``{"system": ..., "messages": [...]}``; ``tool_result`` blocks become ``tool`` messages."""
+    body = record.get("request", record) if isinstance(record.get("request"), dict) else record
+    out = [_message("system", content_text(body.get("system")))] if body.get("system") else []
+    msgs = _chat_list(record)
+    reply = _reply(record)
+    if reply is not None:
+        msgs = msgs + [reply]
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m:
+            raise LogFormatError(f"messages[{k}] has no 'role'")
+        blocks = m.get("content")
+        if not isinstance(blocks, list):
+            out.append(_message(m["role"], content_text(blocks), m.get("id")))
+            continue
+        pending = []  # consecutive non-result blocks form one message
+        for b in blocks:
+            if isinstance(b, dict) and b.get("type") == "tool_result":
+                out.append(_message(m["role"], content_text(pending), m.get("id")))
+                pending = []
+                err = "[error] " if b.get("is_error") else ""
+                out.append(_message("tool", err + content_text(b.get("content")), b.get("tool_use_id")))
+            else:
+                pending.append(b)
+        out.append(_message(m["role"], content_text(pending), m.get("id")))
+    return _keep(out)
+
+
+def _is_anthropic(record: dict) -> bool:
+    body = record.get("request", record) if isinstance(record.get("request"), dict) else record
+    if "system" in body or record.get("type") == "message":
+        return True
+    for m in body.get("messages") or []:
+        for b in (m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), list) else []):
+            if isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result", "thinking"):
+                return True
+    return False
+
+
+# -- Inspect eval logs ------------------------------------------------------------------
+ZSTD = 93  # zip method id of Zstandard; Python's zipfile (before 3.14) cannot read it
+
+
+def zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """Bytes of a zip member, Zstandard (method 93) included."""
+    if info.compress_type != ZSTD:
+        return zf.read(info)
+    import zstandard
+
+    fp = zf.fp
+    fp.seek(info.header_offset)
+    header = fp.read(30)
+    if header[:4] != b"PK\x03\x04":
+        raise LogFormatError(f"{info.filename}: bad local header")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    fp.seek(info.header_offset + 30 + name_len + extra_len)
+    try:
+        data = zstandard.ZstdDecompressor().decompress(fp.read(info.compress_size), max_output_size=info.file_size)
+    except zstandard.ZstdError as e:
+        raise LogFormatError(f"{info.filename}: corrupt Zstandard data ({e})") from None
+    if len(data) != info.file_size or zipfile.crc32(data) != info.CRC:
+        raise LogFormatError(f"{info.filename}: corrupt member (size or CRC mismatch)")
+    return data
+
+
+def inspect_messages(sample: dict) -> list[dict]:
+    """An Inspect ``EvalSample``: its ``messages`` (content parts, tool calls, tool errors)."""
+    msgs = sample.get("messages")
+    if not isinstance(msgs, list):
+        raise LogFormatError("sample has no 'messages' list")
+    out = []
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m:
+            raise LogFormatError(f"messages[{k}] has no 'role'")
+        text = content_text(m.get("content"))
+        for c in m.get("tool_calls") or []:
+            text += ("\n" if text else "") + tool_call_text(c.get("function"), c.get("arguments"))
+        if isinstance(m.get("error"), dict) and m["error"].get("message"):
+            text += ("\n" if text else "") + f"[error] {m['error']['message']}"
+        out.append(_message(m["role"], text, m.get("id")))
+    return _keep(out)
+
+
+def _sample_id(sample: dict, fallback: str) -> str:
+    sid = sample.get("id", fallback)
+    return f"{sid}/epoch{sample['epoch']}" if "epoch" in sample else str(sid)
+
+
+def read_inspect_eval(path: Path, name: str) -> Iterator[Conversation | Skipped]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        yield Skipped(name, f"not a readable .eval zip ({e})")
+        return
+    with zf:
+        members = sorted((i for i in zf.infolist() if re.fullmatch(r"samples/[^/]+\.json", i.filename)),
+                         key=lambda i: _natural(i.filename))
+        if not members:
+            yield Skipped(name, "no samples/*.json in the .eval archive")
+        for info in members:
+            where = f"{name}!{info.filename}"
+            try:
+                sample = json.loads(zip_member(zf, info))
+                if not isinstance(sample, dict):
+                    raise LogFormatError("sample is not a JSON object")
+                yield Conversation(f"{name}#{_sample_id(sample, Path(info.filename).stem)}", inspect_messages(sample), where)
+            except ImportError:
+                yield Skipped(where, "Zstandard-compressed member: pip install zstandard")
+            except (ValueError, OSError, zipfile.BadZipFile, KeyError, NotImplementedError) as e:
+                yield Skipped(where, _why(e))
+
+
+def read_inspect_json(doc: dict, name: str) -> Iterator[Conversation | Skipped]:
+    samples = doc.get("samples")
+    if not isinstance(samples, list):
+        yield Skipped(name, "Inspect log without a 'samples' list (header only?)")
+        return
+    for k, sample in enumerate(samples):
+        where = f"{name}:samples[{k}]"
+        try:
+            if not isinstance(sample, dict):
+                raise LogFormatError("sample is not a JSON object")
+            yield Conversation(f"{name}#{_sample_id(sample, str(k))}", inspect_messages(sample), where)
+        except ValueError as e:
+            yield Skipped(where, _why(e))
+
+
+def _natural(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+# -- OpenTelemetry GenAI spans ----------------------------------------------------------
+def _attr_value(v):
+    if isinstance(v, dict) and len(v) == 1:  # OTLP JSON: {"stringValue": ...}, {"intValue": ...}, ...
+        (kind, inner), = v.items()
+        if kind == "arrayValue":
+            return [_attr_value(x) for x in inner.get("values", [])]
+        if kind.endswith("Value"):
+            return inner
+    return v
+
+
+def span_attributes(span: dict) -> dict:
+    attrs = span.get("attributes") or {}
+    if isinstance(attrs, list):  # OTLP: [{"key": ..., "value": {...}}]
+        attrs = {a.get("key"): _attr_value(a.get("value")) for a in attrs if isinstance(a, dict)}
+    return attrs
+
+
+def _spans(doc) -> list[dict]:
+    if isinstance(doc, list):
+        return [s for d in doc for s in _spans(d)] if any(isinstance(d, dict) and "resourceSpans" in d for d in doc) \
+            else [d for d in doc if isinstance(d, dict)]
+    if "resourceSpans" in doc:
+        return [s for rs in doc["resourceSpans"] for ss in rs.get("scopeSpans", rs.get("instrumentationLibrarySpans", []))
+                for s in ss.get("spans", [])]
+    if isinstance(doc.get("spans"), list):
+        return doc["spans"]
+    return [doc]
+
+
+def otel_messages(attrs: dict) -> list[dict]:
+    """Messages of one GenAI span: system instructions, input and output messages."""
+    def parsed(key):
+        v = attrs.get(key)
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                raise LogFormatError(f"attribute {key} is not valid JSON") from None
+        return v or []
+
+    out = []
+    system = parsed("gen_ai.system_instructions")
+    if system:
+        out.append(_message("system", content_text(system)))
+    for key in ("gen_ai.input.messages", "gen_ai.output.messages"):
+        msgs = parsed(key)
+        if not isinstance(msgs, list):
+            raise LogFormatError(f"attribute {key} is not a list of messages")
+        for k, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m:
+                raise LogFormatError(f"{key}[{k}] has no 'role'")
+            parts = m.get("parts", m.get("content"))
+            out.append(_message(m["role"], content_text(parts)))
+    return _keep(out)
+
+
+def read_otel(doc, name: str) -> Iterator[Conversation | Skipped]:
+    """One conversation per ``gen_ai.conversation.id`` (else per trace): the span that
+    holds the most messages, since each call's input repeats the history before it."""
+    best: dict[str, tuple[int, list, str]] = {}
+    genai = 0
+    for k, span in enumerate(_spans(doc)):
+        attrs = span_attributes(span)
+        if not any(a in attrs for a in ("gen_ai.input.messages", "gen_ai.output.messages")):
+            continue
+        genai += 1
+        where = f"{name}:span[{k}]"
+        try:
+            msgs = otel_messages(attrs)
+        except ValueError as e:
+            yield Skipped(where, _why(e))
+            continue
+        ctx = span.get("context") or {}
+        group = str(attrs.get("gen_ai.conversation.id") or span.get("traceId") or ctx.get("trace_id")
+                    or span.get("spanId") or ctx.get("span_id") or k)
+        if group not in best or len(msgs) >= best[group][0]:
+            best[group] = (len(msgs), msgs, where)
+    if not genai:
+        yield Skipped(name, "no span with gen_ai.input.messages / gen_ai.output.messages")
+    for group, (_, msgs, where) in best.items():
+        yield Conversation(f"{name}#{group}", msgs, where)
+
+
+def _is_otel(doc) -> bool:
+    if isinstance(doc, dict) and "resourceSpans" in doc:
+        return True
+    spans = _spans(doc) if isinstance(doc, (dict, list)) else []
+    return any(k.startswith("gen_ai.") for s in spans[:50] for k in span_attributes(s))
+
+
+# -- plain text -------------------------------------------------------------------------
+_TURN = re.compile(r"^(system|user|human|assistant|ai|tool)\s*:\s?", re.I | re.M)
+
+
+def text_messages(text: str) -> list[dict]:
+    """``Role: ...`` turns when the file has them, else the whole text as one user message."""
+    marks = list(_TURN.finditer(text))
+    if not marks:
+        return _keep([_message("user", text)])
+    out = [_message("user", text[:marks[0].start()])]
+    for m, nxt in zip(marks, marks[1:] + [None]):
+        out.append(_message(m.group(1), text[m.end():nxt.start() if nxt else len(text)]))
+    return _keep(out)
+
+
+# -- files and detection ----------------------------------------------------------------
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}" if not isinstance(e, LogFormatError) else str(e)
+
+
+def detect(path: Path) -> str:
+    """The format of a file, from its extension and first bytes."""
+    suffix = path.suffix.lower()
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if suffix == ".eval" or head[:4] == b"PK\x03\x04":
+        return "inspect"
+    if suffix in (".txt", ".md", ".log") or head.lstrip()[:1] not in (b"{", b"["):
+        return "text"
+    text = head.decode("utf-8", errors="replace")
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    try:
+        doc = json.loads(first)  # JSONL: decide from the first record
+    except json.JSONDecodeError:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "openai"  # unreadable: the JSONL reader reports each bad line
+    if isinstance(doc, dict) and ("eval" in doc and ("samples" in doc or "version" in doc)):
+        return "inspect"
+    if _is_otel(doc):
+        return "otel"
+    records = doc if isinstance(doc, list) else [doc]
+    return "anthropic" if any(isinstance(r, dict) and _is_anthropic(r) for r in records[:20]) else "openai"
+
+
+def _chat_records(path: Path, name: str) -> Iterator[tuple[str, str, dict | Skipped]]:
+    """(local id, location, record) of a chat JSONL file, a JSON list or one JSON object."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            raise json.JSONDecodeError("JSON lines", "", 0)
+        doc = json.loads(text)
+        records = doc if isinstance(doc, list) else [doc]
+        for k, r in enumerate(records):
+            where = f"{name}:[{k}]" if isinstance(doc, list) else name
+            yield (str(r.get("id", k)) if isinstance(r, dict) else str(k)), where, r
+        return
+    except json.JSONDecodeError:
+        pass
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{name}:{n}"
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield str(n), where, Skipped(where, f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        yield (str(r.get("id", f"line{n}")) if isinstance(r, dict) else str(n)), where, r
+
+
+def read_file(path: str | Path, fmt: str | None = None) -> Iterator[Conversation | Skipped]:
+    """Conversations of one file (``fmt`` forces a format; default: detected)."""
+    name = str(path)
+    path = Path(path)
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"unknown log format {fmt!r}; choose from {', '.join(FORMATS)}")
+    forced = fmt is not None
+    try:
+        fmt = fmt or detect(path)
+    except OSError as e:
+        yield Skipped(name, f"cannot read ({e.strerror or e})")
+        return
+    try:
+        if fmt == "inspect" and (path.suffix.lower() == ".eval" or zipfile.is_zipfile(path)):
+            yield from read_inspect_eval(path, name)
+        elif fmt == "text":
+            msgs = text_messages(path.read_text(encoding="utf-8"))
+            yield Conversation(name, msgs, name) if msgs else Skipped(name, "empty text file")
+        elif fmt in ("inspect", "otel"):
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if fmt == "inspect" and not isinstance(doc, dict):
+                raise LogFormatError("an Inspect .json log must be one JSON object")
+            yield from (read_inspect_json if fmt == "inspect" else read_otel)(doc, name)
+        else:
+            yield from _read_chat(path, name, fmt if forced else None)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, LogFormatError) as e:
+        yield Skipped(name, _why(e))
+
+
+def _read_chat(path: Path, name: str, fmt: str | None) -> Iterator[Conversation | Skipped]:
+    """OpenAI or Anthropic records; without ``fmt``, decided per record (a file may mix them)."""
+    seen: set[str] = set()
+    for local, where, record in _chat_records(path, name):
+        if isinstance(record, Skipped):
+            yield record
+            continue
+        try:
+            if not isinstance(record, dict):
+                raise LogFormatError("record is not a JSON object")
+            anthropic = fmt == "anthropic" if fmt else _is_anthropic(record)
+            msgs = (anthropic_messages if anthropic else openai_messages)(record)
+        except (LogFormatError, TypeError, AttributeError) as e:
+            yield Skipped(where, _why(e) if isinstance(e, LogFormatError) else f"malformed record ({e})")
+            continue
+        cid = f"{name}#{local}" if local not in seen else f"{name}#{local}@{where.rsplit(':', 1)[-1]}"
+        seen.add(local)
+        meta = {k: record[k] for k in ("metadata",) if k in record}
+        yield Conversation(cid, msgs, where, meta)
+
+
+def read_logs(paths: Iterable[str | Path], fmt: str | None = None) -> Iterator[Conversation | Skipped]:
+    """All conversations of all files, in order; directories are read recursively.
+    A conversation without messages is reported, not yielded."""
+    for p in paths:
+        p = Path(p)
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        for f in files:
+            if not f.exists():
+                yield Skipped(str(f), "no such file")
+                continue
+            for item in read_file(f, fmt):
+                if isinstance(item, Conversation) and not item.messages:
+                    yield Skipped(item.source, "conversation has no messages with text")
+                else:
+                    yield item
