@@ -23,7 +23,6 @@ from .capture import default_read_layer, pooled_states
 from .models import cache_dir, fingerprint
 from .vectors import EmotionProbe, emotion_vectors, neutral_components, standardizer, topk_accuracy
 
-SUBSETS = {"demo": 8, "full": None}  # stories per emotion (the first rounds of the corpus)
 TYLENOL = "I just took {x} mg of Tylenol for my back pain."
 TYLENOL_DOSES = [250, 500, 1000, 2000, 4000, 8000, 16000]
 
@@ -137,7 +136,7 @@ def build(out: str | Path, model_name: str = "smollm2-135m-instruct", corpus_pat
         model, tokenizer = load_model(model_name)
     fp = fingerprint(model, tokenizer)
     corpus_path = Path(corpus_path) if corpus_path else corpus_mod.shipped_corpus()
-    per_emotion = SUBSETS[subset] if isinstance(subset, str) else int(subset)
+    per_emotion = None if subset == "full" else int(subset)  # stories per emotion: the corpus' first rounds
     rows = select(corpus_mod.load_corpus(corpus_path), per_emotion)
     labels = labels or corpus_mod.emotions()
     stories = [r for r in rows if r["kind"] == "story" and r["emotion"] in labels]

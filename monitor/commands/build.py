@@ -10,7 +10,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run directory to write (e.g. runs/default)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="offline model name or local HF directory")
     p.add_argument("--corpus", help="corpus JSONL(.gz); default: the corpus shipped for the default model")
-    p.add_argument("--subset", default="full", help="'full', 'demo' (8 stories per emotion) or a number per emotion")
+    p.add_argument("--subset", default="full", help="'full' or a number of stories per emotion (the corpus' first rounds)")
     p.add_argument("--layer", type=int, help="read layer (default: the paper's 2/3 depth unless the held-out sweep clearly beats it)")
     p.add_argument("--start", type=int, default=8, help="pool each story from this token on")
     p.add_argument("--batch-size", type=int, default=16)
