@@ -49,9 +49,9 @@ class BaseReader:
         return seqs
 
     def read_tokens(self, texts: Sequence[str]) -> list[tuple[list[str], np.ndarray]]:
-        """For each text, its tokens and their scores [tokens, n_emotions]."""
+        """For each text, its tokens (as text, not BPE symbols) and their scores [tokens, n_emotions]."""
         seqs = self.encode(texts)
-        return [(self.tokenizer.convert_ids_to_tokens(s), sc) for s, sc in zip(seqs, self.score_ids(seqs))]
+        return [([self.tokenizer.decode([i]) for i in s], sc) for s, sc in zip(seqs, self.score_ids(seqs))]
 
     def read(self, texts: Sequence[str], pool: str = "mean") -> np.ndarray:
         """Pooled scores [n_texts, n_emotions]."""

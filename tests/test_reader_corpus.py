@@ -22,7 +22,7 @@ def test_reader_matches_manual_projection(tiny, bank_for):
         ids = tok(text)["input_ids"]
         h = hidden_states(model, *pad_batch([ids], 0), [bank.layer])[bank.layer][0].numpy()
         np.testing.assert_allclose(scores, h @ W.T + b, atol=1e-4)
-        assert len(tokens) == len(ids)
+        assert len(tokens) == len(ids) and "".join(tokens).replace(" ", "") == text.replace(" ", "")
     pooled = reader.read(texts, pool="max")
     np.testing.assert_allclose(pooled[1], per_token[1][1].max(0), atol=1e-6)
     with pytest.raises(ValueError, match="pool"):
