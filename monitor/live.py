@@ -24,23 +24,10 @@ import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from probes.bank import ProbeBank
-from probes.capture import block_output, check_layer, decoder_layers, hidden_states, pad_batch, replace_block_output
+from probes.capture import block_output, check_layer, decoder_layers, measure_residual_norms, replace_block_output
 from probes.models import check_fingerprint, fingerprint, text_config
 
 from .rules import Alert, AllOf, AnyOf, Rule, Threshold, _index, all_of, any_of, find_alerts, parse_rule
-
-# Short everyday texts for measuring each layer's mean residual norm (steering's unit).
-NEUTRAL_TEXTS = (
-    "The meeting is scheduled for Tuesday at ten in the second floor conference room.",
-    "To make the sauce, melt the butter in a pan and add the flour while stirring.",
-    "The train leaves the central station every twenty minutes on weekdays.",
-    "Please find attached the quarterly report and the updated spreadsheet.",
-    "The library is open from nine to five and closed on public holidays.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-    "The function returns a list of integers sorted in ascending order.",
-    "He parked the car, locked the door and walked to the post office.",
-)
-
 
 class EmotionMonitor:
     """Per-token emotion readout, alert rules and steering for one model and probe bank.
@@ -159,7 +146,7 @@ class EmotionMonitor:
     def residual_norms(self) -> np.ndarray:
         """Mean residual-stream norm of each layer's output over real tokens (the first
         token, often an attention sink with a huge norm, left out): the bank's stored
-        ``residual_norm`` tensor if it has one, else measured once on NEUTRAL_TEXTS."""
+        ``residual_norm`` tensor if it has one, else measured once on a few neutral texts."""
         if self._norms is None:
             stored = self.bank.tensors.get("residual_norm")
             if stored is not None:
@@ -221,19 +208,6 @@ def _adder(delta: torch.Tensor):
 
 
 @torch.no_grad()
-def measure_residual_norms(model, tokenizer, texts: Sequence[str] = NEUTRAL_TEXTS) -> np.ndarray:
-    """Mean L2 norm of each layer's output over the texts' tokens, first token excluded."""
-    seqs = [tokenizer(t)["input_ids"] for t in texts]
-    ids, mask = pad_batch(seqs, tokenizer.pad_token_id or 0)
-    device = next(model.parameters()).device
-    n = len(decoder_layers(model))
-    hs = hidden_states(model, ids.to(device), mask.to(device), range(n))
-    keep = mask.bool().clone()
-    keep[:, 0] = False
-    keep = keep.to(device)
-    return np.array([hs[k].float().norm(dim=-1)[keep].mean().item() for k in range(n)])
-
-
 # -- the trace and the per-token criteria ---------------------------------------------
 class Trace:
     """What one ``generate`` call inside ``attach`` read (each call starts it afresh).

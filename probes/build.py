@@ -19,7 +19,7 @@ from sklearn.model_selection import GroupKFold
 
 from . import corpus as corpus_mod
 from .bank import ProbeBank
-from .capture import default_read_layer, pooled_states
+from .capture import default_read_layer, measure_residual_norms, pooled_states
 from .models import cache_dir, fingerprint
 from .vectors import EmotionProbe, emotion_vectors, neutral_components, standardizer, topk_accuracy
 
@@ -185,7 +185,8 @@ def build(out: str | Path, model_name: str = "smollm2-135m-instruct", corpus_pat
 
     tensors = {"vectors": layer_vectors[chosen], "directions": V, "dim_mean": mu, "dim_scale": sd,
                "probe_coef": coef, "probe_intercept": icpt, "score_mean": np.zeros(n), "score_std": np.ones(n),
-               "layer_vectors": layer_vectors}
+               "layer_vectors": layer_vectors,
+               "residual_norm": measure_residual_norms(model, tokenizer)}  # steering's unit, per layer
     bank = ProbeBank(labels, chosen, fp, {k: np.asarray(v, np.float32) for k, v in tensors.items()}, readout)
     # Until calibration replaces it: z-scores against the corpus' neutral dialogues.
     W, b = bank.raw_head()

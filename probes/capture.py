@@ -189,3 +189,29 @@ def pooled_states(model, seqs: Sequence[Sequence[int]], layers: Iterable[int], *
 def default_read_layer(n_layers: int) -> int:
     """About two thirds of the way through the model, as the paper reads."""
     return int(math.floor(2 * n_layers / 3))
+
+
+# Short everyday texts for measuring each layer's mean residual norm (steering's unit).
+NEUTRAL_TEXTS = (
+    "The meeting is scheduled for Tuesday at ten in the second floor conference room.",
+    "To make the sauce, melt the butter in a pan and add the flour while stirring.",
+    "The train leaves the central station every twenty minutes on weekdays.",
+    "Please find attached the quarterly report and the updated spreadsheet.",
+    "The library is open from nine to five and closed on public holidays.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The function returns a list of integers sorted in ascending order.",
+    "He parked the car, locked the door and walked to the post office.",
+)
+
+
+def measure_residual_norms(model, tokenizer, texts: Sequence[str] = NEUTRAL_TEXTS) -> np.ndarray:
+    """Mean L2 norm of each layer's output over the texts' tokens, first token excluded."""
+    seqs = [tokenizer(t)["input_ids"] for t in texts]
+    ids, mask = pad_batch(seqs, tokenizer.pad_token_id or 0)
+    device = next(model.parameters()).device
+    n = len(decoder_layers(model))
+    hs = hidden_states(model, ids.to(device), mask.to(device), range(n))
+    keep = mask.bool().clone()
+    keep[:, 0] = False
+    keep = keep.to(device)
+    return np.array([hs[k].float().norm(dim=-1)[keep].mean().item() for k in range(n)])

@@ -16,7 +16,10 @@ POOLS = ("mean", "last", "max")
 
 
 def pool_scores(scores: np.ndarray, how: str) -> np.ndarray:
-    """Pool per-token scores [tokens, n] into [n]."""
+    """Pool per-token scores [tokens, n] into [n]. The first token is left out when others
+    exist: it is the attention sink (or BOS), whose residual norm dwarfs the rest, and its
+    readout (tens of z) would swamp the pool."""
+    scores = scores[1:] if len(scores) > 1 else scores
     if how == "mean":
         return scores.mean(0)
     if how == "last":

@@ -9,7 +9,7 @@ import pytest
 
 from monitor.cli import main as cli
 from probes.bank import ProbeBank
-from probes.capture import pad_batch, token_states
+from probes.capture import token_states
 from probes.models import fingerprint, load_model
 
 pytestmark = pytest.mark.slow

@@ -399,7 +399,7 @@ def test_watch_without_a_terminal_and_its_errors(tiny_run):
                            (["--steer", "nonexistent=0.1"], "unknown emotion")):
         bad = subprocess.run(watch_cmd(tiny_run, *extra), capture_output=True, text=True, cwd=ROOT, env=clean_env(),
                              timeout=300)
-        assert bad.returncode == 2 and f"emoprobe watch: error:" in bad.stderr and message in bad.stderr, bad.stderr
+        assert bad.returncode == 2 and "emoprobe watch: error:" in bad.stderr and message in bad.stderr, bad.stderr
 
 
 # -- the README example on the real default model ------------------------------------------

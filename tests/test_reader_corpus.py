@@ -4,11 +4,13 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
+from hypothesis.extra.numpy import arrays
 
 from probes import corpus
 from probes.build import build, summary_table
 from probes.capture import hidden_states, pad_batch
-from probes.reader import TorchReader
+from probes.reader import TorchReader, pool_scores
 
 
 def test_reader_matches_manual_projection(tiny, bank_for):
@@ -24,7 +26,7 @@ def test_reader_matches_manual_projection(tiny, bank_for):
         np.testing.assert_allclose(scores, h @ W.T + b, atol=1e-4)
         assert len(tokens) == len(ids) and "".join(tokens).replace(" ", "") == text.replace(" ", "")
     pooled = reader.read(texts, pool="max")
-    np.testing.assert_allclose(pooled[1], per_token[1][1].max(0), atol=1e-6)
+    np.testing.assert_allclose(pooled[1], per_token[1][1][1:].max(0), atol=1e-6)  # the sink token left out
     with pytest.raises(ValueError, match="pool"):
         reader.read(texts, pool="median")
 
@@ -124,3 +126,13 @@ def test_build_on_tiny_model(tmp_path, tiny_llama, monkeypatch):
     again = build(tmp_path / "run2", corpus_path=tmp_path / "c.jsonl.gz", model=model, tokenizer=tok,
                   labels=labels, start=0, folds=3)
     np.testing.assert_allclose(again.tensors["directions"], bank.tensors["directions"], atol=1e-6)
+
+
+@given(arrays(np.float64, st.tuples(st.integers(2, 30), st.integers(1, 5)), elements=st.floats(-5, 5)),
+       st.floats(-1e4, 1e4), st.sampled_from(["mean", "max", "last"]))
+def test_pooling_ignores_the_first_token(scores, sink, how):
+    """Whatever the attention sink reads, pooled scores are those of the other tokens."""
+    spiked = scores.copy()
+    spiked[0] = sink
+    np.testing.assert_allclose(pool_scores(spiked, how), pool_scores(scores, how))
+    np.testing.assert_allclose(pool_scores(scores[:1], how), scores[0])  # a one-token text pools to itself

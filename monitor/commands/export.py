@@ -16,16 +16,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from exporters import export_run
-    from monitor.live import measure_residual_norms
     from probes.bank import ProbeBank
     from probes.models import fingerprint, load_model
 
     bank = ProbeBank.load(args.run)  # fails fast, before the model loads
     model, tok = load_model(args.model or bank.model["name"])
     bank = ProbeBank.load(args.run, fingerprint(model, tok))
-    norms = None if args.no_steering or "residual_norm" in bank.tensors else measure_residual_norms(model, tok)
-    out = export_run(args.run, model, tok, bank, int8=not args.no_int8, steering=not args.no_steering,
-                     residual_norms=norms)
+    out = export_run(args.run, model, tok, bank, int8=not args.no_int8, steering=not args.no_steering)
     print(summary_table(out))
     return 0
 
