@@ -207,7 +207,6 @@ def _adder(delta: torch.Tensor):
     return hook
 
 
-@torch.no_grad()
 # -- the trace and the per-token criteria ---------------------------------------------
 class Trace:
     """What one ``generate`` call inside ``attach`` read (each call starts it afresh).

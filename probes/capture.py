@@ -204,6 +204,7 @@ NEUTRAL_TEXTS = (
 )
 
 
+@torch.no_grad()
 def measure_residual_norms(model, tokenizer, texts: Sequence[str] = NEUTRAL_TEXTS) -> np.ndarray:
     """Mean L2 norm of each layer's output over the texts' tokens, first token excluded."""
     seqs = [tokenizer(t)["input_ids"] for t in texts]

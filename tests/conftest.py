@@ -91,3 +91,13 @@ def random_bank(model, tokenizer, labels=("afraid", "calm", "desperate", "happy"
 @pytest.fixture
 def bank_for():
     return random_bank
+
+
+def save_tiny_run(root, tokenizer, **bank_kwargs):
+    """A saved tiny Llama (root/model) and a run directory (root/run) whose bank was made
+    for it: what the command-line tests load by path."""
+    model = make_model("llama", len(tokenizer))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    random_bank(model, tokenizer, **bank_kwargs).save(root / "run" / "bank")
+    return root

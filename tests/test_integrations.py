@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_model, random_bank
+from conftest import make_model, random_bank, save_tiny_run
 from monitor.integrations import IntegrationError, Readout, as_messages, load_reader, session, summarize
 from probes.bank import BankError
 from probes.models import ModelError
@@ -35,12 +35,7 @@ CHAT = [{"role": "system", "content": "you are ok"},
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tokenizer):
     """A saved tiny model and a run directory whose bank was made for it."""
-    root = tmp_path_factory.mktemp("integrations")
-    model = make_model("llama", len(tokenizer))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    random_bank(model, tokenizer, labels=LABELS).save(root / "run" / "bank")
-    return root
+    return save_tiny_run(tmp_path_factory.mktemp("integrations"), tokenizer, labels=LABELS)
 
 
 def env(**extra) -> dict:

@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_model, random_bank
+from conftest import make_model, random_bank, save_tiny_run
 from monitor import EmotionMonitor
 from monitor.live import _compile
 from monitor.rules import AllOf, AnyOf, Threshold, find_alerts, parse_rule
@@ -332,12 +332,7 @@ def test_load_checks_the_model(tiny_llama, tmp_path):
 # -- the CLI in a terminal ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("watch")
-    model = make_model("llama", len(tokenizer))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    random_bank(model, tokenizer).save(root / "run" / "bank")
-    return root
+    return save_tiny_run(tmp_path_factory.mktemp("watch"), tokenizer)
 
 
 def watch_cmd(root, *extra):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from conftest import make_model, random_bank
+from conftest import make_model, random_bank, save_tiny_run
 from monitor.cli import main as cli
 from monitor.logs import Conversation, Skipped, detect, read_file, read_logs
 from monitor.rules import parse_rule
@@ -334,12 +334,7 @@ def test_resume_refuses_other_settings(reader, tmp_path):
 # -- the command line, subprocesses, workers --------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("scan")
-    model = make_model("llama", len(tokenizer))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    random_bank(model, tokenizer, labels=LABELS).save(root / "run" / "bank")
-    return root
+    return save_tiny_run(tmp_path_factory.mktemp("scan"), tokenizer, labels=LABELS)
 
 
 def scan_args(root, *extra):
