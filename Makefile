@@ -25,7 +25,7 @@ $(VENV)/.dev: $(BIN)/emoprobe
 
 dev: $(VENV)/.dev
 
-# Builds from the shipped corpus (1,781 stories, 219 neutral dialogues), calibrates, exports,
+# Builds from the shipped corpus (2,793 stories, 219 neutral dialogues), calibrates, exports,
 # then reads a sentence with torch and with ONNX and scans the two sample agent logs.
 demo: install
 	$(BIN)/emoprobe build --out runs/demo
