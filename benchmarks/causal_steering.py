@@ -27,7 +27,7 @@ import torch
 
 from monitor.live import EmotionMonitor
 from probes.bank import ProbeBank
-from probes.capture import chat_prompt
+from probes.tokens import chat_prompt
 from probes.models import fingerprint, load_model
 from probes.reader import TorchReader
 

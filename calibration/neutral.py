@@ -34,7 +34,7 @@ def chat_tokens(tokenizer, messages, generation_prompt: bool = False) -> tuple[l
     """Token ids of a chat in the model's template, and the indices of the tokens inside
     the messages' own text. The template's preamble and turn markers are left out: they
     are the same in every chat and would only repeat a few readouts many times."""
-    from probes.capture import chat_prompt
+    from probes.tokens import chat_prompt
 
     messages = list(messages)
     if len(messages) == 1 and generation_prompt:

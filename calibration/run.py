@@ -83,7 +83,7 @@ def read_prompts(reader, texts: list[str], at: str, bar=None, chunk: int = 64) -
 def read_neutral(reader, neutral: NeutralSet, at: str = "reply", bar=None, chunk: int = 64):
     """One pass over the neutral set: the prompts' readouts at ``at`` [prompts, n] and
     the readouts of every token of message text, prompts' and chats' [tokens, n]."""
-    from probes.capture import chat_read_positions
+    from probes.tokens import chat_read_positions
 
     tok = reader.tokenizer
     items = []  # (ids, message-token rows, row read at `at` or None)

@@ -72,7 +72,7 @@ def _save(proto, path: Path, meta: dict) -> None:
     onnx.save_model(proto, str(path))
 
 
-def _export(module, args, names_in, names_out, axes) -> "onnx.ModelProto":  # noqa: F821
+def _export(module, args, names_in, names_out, axes):
     """torch.onnx's TorchScript exporter: ~5x faster than ``dynamo=True`` on these graphs
     (whose onnxscript rewriter dominates) with the same onnxruntime speed and parity."""
     import io

