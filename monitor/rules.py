@@ -109,7 +109,7 @@ class AllOf(Rule):
         _check_parts(self.rules)
 
     def __str__(self):
-        return " & ".join(f"({r})" if isinstance(r, AnyOf) else str(r) for r in self.rules)
+        return " & ".join(f"({r})" if isinstance(r, (AnyOf, AllOf)) else str(r) for r in self.rules)
 
     def leaves(self):
         return [leaf for r in self.rules for leaf in r.leaves()]
@@ -126,7 +126,7 @@ class AnyOf(Rule):
         _check_parts(self.rules)
 
     def __str__(self):
-        return " | ".join(str(r) for r in self.rules)
+        return " | ".join(f"({r})" if isinstance(r, AnyOf) else str(r) for r in self.rules)
 
     def leaves(self):
         return [leaf for r in self.rules for leaf in r.leaves()]
@@ -169,15 +169,54 @@ _OPTION = re.compile(r"^\s*(for|rolling)\s+(\d+)(\s+tokens?\b)?", re.IGNORECASE)
 
 
 def parse_rule(text: str, labels: Sequence[str] | None = None) -> Rule:
-    """Parse ``"desperate>3 for 2 rolling 4 & calm<-1 | angry>3"``; with ``labels``, also
-    check the emotion names. Raises ValueError naming the part it could not read."""
+    """Parse ``"desperate>3 for 2 rolling 4 & calm<-1 | angry>3"``: ``&`` binds tighter
+    than ``|``, parentheses group, so every rule's printed form parses back to it. With
+    ``labels``, also check the emotion names. Raises ValueError naming what it could not read."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty alert rule; expected e.g. 'desperate>3' or 'calm<-2 for 3'")
-    alternatives = []
-    for alt in text.split("|"):
-        parts = [_parse_atom(a, text, labels) for a in alt.split("&")]
-        alternatives.append(parts[0] if len(parts) == 1 else AllOf(tuple(parts)))
-    return alternatives[0] if len(alternatives) == 1 else AnyOf(tuple(alternatives))
+    tokens = [t for t in re.split(r"([()&|])", text) if t.strip()]
+    pos = 0
+
+    def fail(why: str):
+        raise ValueError(f"cannot read alert rule {text!r}: {why}")
+
+    def peek():
+        return tokens[pos].strip() if pos < len(tokens) else None
+
+    def any_of_() -> Rule:
+        nonlocal pos
+        parts = [all_of_()]
+        while peek() == "|":
+            pos += 1
+            parts.append(all_of_())
+        return parts[0] if len(parts) == 1 else AnyOf(tuple(parts))
+
+    def all_of_() -> Rule:
+        nonlocal pos
+        parts = [factor()]
+        while peek() == "&":
+            pos += 1
+            parts.append(factor())
+        return parts[0] if len(parts) == 1 else AllOf(tuple(parts))
+
+    def factor() -> Rule:
+        nonlocal pos
+        tok = peek()
+        if tok is None or tok in "&|)":
+            fail(f"a rule is missing {'at the end' if tok is None else 'before ' + repr(tok)}")
+        pos += 1
+        if tok == "(":
+            inner = any_of_()
+            if peek() != ")":
+                fail("unbalanced '('")
+            pos += 1
+            return inner
+        return _parse_atom(tok, text, labels)
+
+    rule = any_of_()
+    if pos != len(tokens):
+        fail(f"unexpected {peek()!r}")
+    return rule
 
 
 def _parse_atom(atom: str, whole: str, labels) -> Threshold:

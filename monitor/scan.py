@@ -42,8 +42,8 @@ def calibrated_thresholds(bank) -> dict[str, float]:
     """Per-emotion alert thresholds (z, high side, 1% FPR on ordinary text) that
     calibration stores as a bank tensor; empty for an uncalibrated bank."""
     cal = (bank.meta or {}).get("calibration") or {}
-    name = (cal.get("alert") or {}).get("tensor", "alert_threshold")
-    t = bank.tensors.get(name)
+    listed = (cal.get("alert") or {}).get("tensors") or {}  # name -> what it thresholds
+    t = bank.tensors.get("alert_threshold") if "alert_threshold" in listed else None
     if t is None or len(t) != len(bank.labels):
         return {}
     return {e: float(v) for e, v in zip(bank.labels, t) if np.isfinite(v)}

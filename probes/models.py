@@ -184,12 +184,13 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
     if path.is_dir() and (path / "config.json").exists():
         return path.resolve().name, path
     # A hub id already in the local HF cache works too, with no network access.
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    try:
         local = snapshot_download(name_or_path, local_files_only=True)
         return name_or_path, Path(local)
-    except Exception:
+    except (LocalEntryNotFoundError, HFValidationError):  # not cached, or not a hub id at all
         pass
     known = ", ".join(OFFLINE_MODELS)
     raise ModelError(

@@ -86,3 +86,14 @@ def test_local_directory_loads_and_is_fingerprinted(tmp_path, tiny_llama):
     assert fp["tokenizer_sha"] == fingerprint(model, tok)["tokenizer_sha"]
     with pytest.raises(ModelError, match="layers"):
         check_fingerprint(dict(fp, layers=5), fp)
+
+
+def test_a_broken_hub_cache_is_not_reported_as_an_unknown_model(monkeypatch):
+    """Only 'not cached' means unknown; any other failure surfaces as itself."""
+    import huggingface_hub
+
+    def broken(*a, **k):
+        raise PermissionError("cache directory not readable")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", broken)
+    with pytest.raises(PermissionError, match="not readable"):
+        models.resolve("someone/some-model")

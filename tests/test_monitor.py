@@ -147,9 +147,10 @@ def reference(x: list[float], op: str, thr: float, n: int, k: int) -> list[bool]
 grid = st.integers(-16, 16).map(lambda i: i / 4)  # exact in float32: no rounding at the threshold
 leaves = st.builds(Threshold, st.sampled_from(LABELS), st.sampled_from([">", "<"]), grid,
                    st.integers(1, 4), st.integers(1, 4))
-trees = st.one_of(leaves, st.lists(leaves, min_size=2, max_size=3).map(lambda r: AllOf(tuple(r))),
-                  st.lists(st.one_of(leaves, st.lists(leaves, min_size=2, max_size=2).map(lambda r: AllOf(tuple(r)))),
-                           min_size=2, max_size=3).map(lambda r: AnyOf(tuple(r))))
+trees = st.recursive(  # any nesting: AND of ORs prints "(a | b) & c", OR of ORs "(a | b) | c"
+    leaves, lambda kids: st.one_of(st.lists(kids, min_size=2, max_size=3).map(lambda r: AllOf(tuple(r))),
+                                   st.lists(kids, min_size=2, max_size=3).map(lambda r: AnyOf(tuple(r)))),
+    max_leaves=6)
 
 
 def scores_strategy(batch=1):
@@ -184,9 +185,16 @@ def test_combinations_and_live_stepper_agree_with_evaluate(rule, scores):
 @settings(max_examples=200, deadline=None)
 @given(trees)
 def test_rule_text_round_trips(rule):
-    if isinstance(rule, AnyOf) and any(isinstance(r, AnyOf) for r in rule.rules):
-        return
     assert parse_rule(str(rule), LABELS) == rule
+
+
+def test_grouped_rule_parses_and_bad_groups_are_named():
+    r = parse_rule("(desperate>2 | afraid>2) & calm<-1", LABELS)
+    assert isinstance(r, AllOf) and isinstance(r.rules[0], AnyOf) and str(r) == "(desperate>2 | afraid>2) & calm<-1"
+    for bad, why in [("(desperate>2", "unbalanced"), ("desperate>2)", "unexpected"), ("desperate>2 &", "missing"),
+                     ("| calm<1", "missing")]:
+        with pytest.raises(ValueError, match=why):
+            parse_rule(bad, LABELS)
 
 
 @settings(max_examples=200, deadline=None)

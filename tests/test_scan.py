@@ -288,7 +288,9 @@ def test_rules_use_calibrated_thresholds(reader):
     assert [str(r) for r in make_rules(bank)] == ["desperate>3 rolling 5", "afraid>3 rolling 5", "angry>3 rolling 5",
                                                   "calm<-3 rolling 5"]
     bank.tensors["alert_threshold"] = np.array([2.5, 2.0, 1.75, 9.0, 2.25], np.float32)
-    bank.meta["calibration"] = {"alert": {"fpr": 0.01, "tensor": "alert_threshold"}}
+    bank.meta["calibration"] = {"alert": {"fpr": 0.01, "tensors": {"position_alert_threshold": "the reply token"}}}
+    assert calibrated_thresholds(bank) == {}  # the tensor is there but calibration does not vouch for it
+    bank.meta["calibration"] = {"alert": {"fpr": 0.01, "tensors": {"alert_threshold": "any token of text"}}}
     rules = make_rules(bank, watch=["desperate", "calm<", "happy"], alerts=["angry>1 for 2"], smooth_tokens=1)
     assert [str(r) for r in rules] == ["desperate>1.75", "calm<-3", "happy>9", "angry>1 for 2"]
     with pytest.raises(KeyError, match="unknown emotion"):
