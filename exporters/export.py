@@ -8,7 +8,6 @@ the rank fidelity wins; the scores are in card.json.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -21,7 +20,7 @@ from probes.capture import measure_residual_norms
 from probes.models import check_fingerprint, fingerprint
 
 from .int8 import MIN_SPEARMAN, MIN_TOP3, SCHEMES, SMOOTH_ALPHA, fidelity, good_enough, quantize, smoothed
-from .reader import CARD, CARD_FORMAT, HEAD, MONITOR, MONITOR_INT8, OnnxReader
+from .reader import CARD, CARD_FORMAT, HEAD, MONITOR, MONITOR_INT8, OnnxReader, file_entry
 from .steering import write_steering
 
 OPSET = 17
@@ -157,12 +156,6 @@ def _int8(model, tokenizer, bank, out: Path, meta: dict, seqs, fp32) -> dict:
             "candidates": candidates}
 
 
-def _file_entry(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def export_run(run_dir, model, tokenizer, bank: ProbeBank, int8: bool = True, progress: bool = True, *,
@@ -218,7 +211,7 @@ def export_run(run_dir, model, tokenizer, bank: ProbeBank, int8: bool = True, pr
     bar.close()
     for f in (HEAD, MONITOR, MONITOR_INT8):
         if (out / f).exists():
-            card["files"][f] = _file_entry(out / f)
+            card["files"][f] = file_entry(out / f)
     (out / CARD).write_text(json.dumps(card, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     out.rename(final)

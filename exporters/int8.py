@@ -122,6 +122,13 @@ def _module_paths(node) -> list[str]:
     return [".".join(parts[:i + 1]) for i in range(len(parts))]
 
 
+class _DropPreprocessNotice:
+    """Drops only onnxruntime's pre-processing advice; the caller's logging is untouched."""
+
+    def filter(self, record) -> bool:
+        return "pre-process" not in record.getMessage()
+
+
 def quantize(fp32, out, skip_down_proj: bool):
     """Dynamic int8 (per-channel weights) of the prefix's MatMuls -> ModelProto; the
     probe head (and optionally every ``down_proj``) stays fp32."""
@@ -139,12 +146,12 @@ def quantize(fp32, out, skip_down_proj: bool):
     keep = [n.name for n in proto.graph.node if n.op_type == "MatMul"
             and any(p == "head" or (skip_down_proj and p.endswith(".down_proj")) for p in paths[n.name])]
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic's "consider pre-processing" notice on the root logger
+    quiet = _DropPreprocessNotice()
+    root.addFilter(quiet)  # quantize_dynamic's "consider pre-processing" notice, on the root logger
     try:
         with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp:
             quantize_dynamic(proto, str(Path(tmp) / "q.onnx"), op_types_to_quantize=["MatMul"], per_channel=True,
                              weight_type=QuantType.QInt8, nodes_to_exclude=keep)
             return onnx.load(str(Path(tmp) / "q.onnx")), len(keep)
     finally:
-        root.setLevel(level)
+        root.removeFilter(quiet)

@@ -7,6 +7,8 @@ a file moved out of its directory still knows its labels and model.
 """
 from __future__ import annotations
 
+import hashlib
+
 import json
 from pathlib import Path
 from typing import Sequence
@@ -50,6 +52,15 @@ def read_card(directory: Path) -> dict | None:
     return card
 
 
+def file_entry(path: Path) -> dict:
+    """What the card records of each exported file, and what loading checks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
 def open_session(file: Path, card: dict | None = None, threads: int | None = None):
     """An onnxruntime session; a file shorter than the card says, or one onnxruntime
     cannot parse, is refused with a one-line error instead of a protobuf traceback."""
@@ -57,9 +68,9 @@ def open_session(file: Path, card: dict | None = None, threads: int | None = Non
 
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such ONNX file")
-    expected = ((card or {}).get("files") or {}).get(file.name, {}).get("bytes")
-    if expected is not None and file.stat().st_size != expected:
-        raise ValueError(f"{file}: {file.stat().st_size} bytes, but {CARD} records {expected}: "
+    expected = ((card or {}).get("files") or {}).get(file.name) or {}
+    if expected and file_entry(file) != {k: expected.get(k) for k in ("bytes", "sha256")}:
+        raise ValueError(f"{file}: its size or sha256 is not the one {CARD} records: "
                          "the file is truncated or was replaced; export again")
     opts = ort.SessionOptions()
     if threads:

@@ -12,6 +12,7 @@ COMMANDS = ("build", "read", "corpus", "calibrate", "export", "watch", "scan")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="emoprobe", description="Read a language model's functional emotions.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
@@ -28,8 +29,10 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ModelError, BankError, FileNotFoundError, ValueError, KeyError) as e:
+        if args.debug:
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"emoprobe {args.command}: error: {msg}", file=sys.stderr)
+        print(f"emoprobe {args.command}: error: {msg}  (--debug shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"emoprobe {args.command}: interrupted; everything written so far is kept", file=sys.stderr)

@@ -100,25 +100,25 @@ def clean_story(text: str, emotion: str, min_sentences: int = 3) -> tuple[str | 
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
-    """Records of a (possibly gzipped) JSONL file; a torn last line from a kill is ignored."""
+    """Records of a (possibly gzipped) JSONL file of ``{"id": ..., "text": ...}`` lines.
+    A missing file or any malformed line, the last included, is an error naming it:
+    user input is never dropped silently (generation's own resumable file has
+    ``read_jsonl_raw``, which forgives a torn last line)."""
     path = Path(path)
-    if not path.exists():
-        return
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):  # torn final write
+        for n, line in enumerate(f, 1):
+            if not line.strip():
                 continue
-            raise ValueError(f"{path}:{n}: malformed JSON line") from None
-        if not isinstance(rec, dict) or "id" not in rec or "text" not in rec:
-            raise ValueError(f"{path}:{n}: a corpus line needs 'id' and 'text'")
-        yield rec
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{n}: malformed JSON line") from None
+            if not isinstance(rec, dict) or "id" not in rec or "text" not in rec:
+                raise ValueError(f"{path}:{n}: a line needs 'id' and 'text'")
+            yield rec
 
 
 def generate(model, tokenizer, jobs: list[Job], out: Path, *, batch_size: int = 32,
@@ -135,30 +135,33 @@ def generate(model, tokenizer, jobs: list[Job], out: Path, *, batch_size: int = 
     if out.exists() and out.stat().st_size and not out.read_bytes().endswith(b"\n"):
         with open(out, "a") as f:
             f.write("\n")
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation pads left; restored below
     counts = {"written": 0, "skipped_done": len(jobs) - len(todo)}
-    bar = tqdm(total=len(todo), desc="writing corpus", unit="text")
-    with open(out, "a", encoding="utf-8") as f:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": j.prompt}],
-                                                     add_generation_prompt=True, tokenize=False)
-                       for j in batch]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            torch.manual_seed(seed + start)
-            with torch.inference_mode():
-                gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=0.95,
-                                     max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                     repetition_penalty=1.1)
-            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for job, text in zip(batch, texts):
-                rec = {"id": job.id, "kind": job.kind, "topic": job.topic, "emotion": job.emotion,
-                       "raw": text.strip(), "writer": writer}
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            counts["written"] += len(batch)
-            bar.update(len(batch))
-    bar.close()
+    try:
+        bar = tqdm(total=len(todo), desc="writing corpus", unit="text")
+        with open(out, "a", encoding="utf-8") as f:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                prompts = [tokenizer.apply_chat_template([{"role": "user", "content": j.prompt}],
+                                                         add_generation_prompt=True, tokenize=False)
+                           for j in batch]
+                enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+                torch.manual_seed(seed + start)
+                with torch.inference_mode():
+                    gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=0.95,
+                                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                         repetition_penalty=1.1)
+                texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                for job, text in zip(batch, texts):
+                    rec = {"id": job.id, "kind": job.kind, "topic": job.topic, "emotion": job.emotion,
+                           "raw": text.strip(), "writer": writer}
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.flush()
+                counts["written"] += len(batch)
+                bar.update(len(batch))
+        bar.close()
+    finally:
+        tokenizer.padding_side = side
     return counts
 
 
@@ -209,7 +212,9 @@ def load_corpus(path: Path) -> list[dict]:
     known = set(emotions())
     rows = []
     for rec in read_jsonl(path):
-        if rec.get("kind") == "story" and rec.get("emotion") not in known:
+        if rec.get("kind") not in ("story", "message", "neutral"):
+            raise ValueError(f"{path}: record {rec['id']} has kind {rec.get('kind')!r} (story, message or neutral)")
+        if rec["kind"] != "neutral" and rec.get("emotion") not in known:
             raise ValueError(f"{path}: record {rec['id']} has unknown emotion {rec.get('emotion')!r}")
         if not str(rec["text"]).strip():
             raise ValueError(f"{path}: record {rec['id']} has empty text")
@@ -227,5 +232,6 @@ def corpus_hash(rows: list[dict]) -> str:
 
 
 def shipped_corpus() -> Path:
-    """The default model's corpus, shipped with the package."""
-    return Path(str(DATA.joinpath("corpus-smollm2-135m-instruct.jsonl.gz")))
+    """Corpus v2, written by hand to the paper's recipe (probes/data/v2, compiled by
+    ``python -m probes.handwritten compile``); read by every model."""
+    return Path(str(DATA.joinpath("corpus-v2.jsonl.gz")))

@@ -23,6 +23,7 @@ from probes.reader import TorchReader
 from conftest import make_model, make_tokenizer, random_bank
 
 import exporters
+from exporters.reader import file_entry
 from exporters.int8 import _module_paths, fidelity, smoothed
 from exporters.graphs import Head
 
@@ -250,7 +251,7 @@ def test_onnx_file_from_another_model_is_refused(exported, tmp_path):
     shutil.copytree(out, mixed)
     shutil.copy(other_out / "monitor.onnx", mixed / "monitor.onnx")
     card = json.loads((mixed / "card.json").read_text())
-    card["files"]["monitor.onnx"]["bytes"] = (mixed / "monitor.onnx").stat().st_size  # only the model differs
+    card["files"]["monitor.onnx"] = file_entry(mixed / "monitor.onnx")  # only the model differs
     (mixed / "card.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match="built for model"):
         exporters.load(mixed)
@@ -263,6 +264,11 @@ def test_truncated_or_foreign_files_are_refused(exported, tmp_path):
     data = (broken / "monitor.onnx").read_bytes()
     (broken / "monitor.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
+        exporters.load(broken)
+    flipped = bytearray(data)  # same size, one byte changed: only the sha256 can tell
+    flipped[len(data) // 2] ^= 0xFF
+    (broken / "monitor.onnx").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="size or sha256"):
         exporters.load(broken)
     alone = tmp_path / "alone.onnx"  # no card beside it: onnxruntime's parse error, made one line
     alone.write_bytes(data[: len(data) // 2])

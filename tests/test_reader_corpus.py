@@ -70,6 +70,7 @@ def test_leak_filter_discards_stories_with_too_little_left():
 
 def test_generate_resumes_without_duplicates(tmp_path, tiny_llama):
     model, tok = tiny_llama
+    tok.padding_side = "right"
     jobs = corpus.plan(2, 1, ["afraid", "calm"], ["the dog", "the exam", "the code"])
     out = tmp_path / "raw.jsonl"
     corpus.generate(model, tok, jobs[:3], out, batch_size=2, max_new_tokens=4)
@@ -78,6 +79,7 @@ def test_generate_resumes_without_duplicates(tmp_path, tiny_llama):
     counts = corpus.generate(model, tok, jobs, out, batch_size=2, max_new_tokens=4)
     ids = [r["id"] for r in corpus.read_jsonl_raw(out)]
     assert sorted(ids) == sorted(j.id for j in jobs) and counts["skipped_done"] == 3
+    assert tok.padding_side == "right"  # the caller's tokenizer is left as it was
 
 
 def test_load_corpus_rejects_bad_lines(tmp_path):
@@ -117,7 +119,7 @@ def test_build_on_tiny_model(tmp_path, tiny_llama, monkeypatch):
     bank = build(tmp_path / "run", corpus_path=tmp_path / "c.jsonl.gz", model=model, tokenizer=tok,
                  labels=labels, start=0, folds=3)
     report = json.loads((tmp_path / "run" / "report" / "validation.json").read_text())
-    assert report["vectors"]["heldout_top1"] > 1 / len(labels) + 0.2  # the cue words are learnable
+    assert report["readers"]["vectors"]["top1"] > 1 / len(labels) + 0.2  # the cue words are learnable
     assert 0 <= report["layer"] < 4 and bank.layer == report["layer"]
     for png in ("layer_sweep.png", "pca.png", "tylenol.png"):
         assert (tmp_path / "run" / "report" / png).stat().st_size > 1000
@@ -136,3 +138,31 @@ def test_pooling_ignores_the_first_token(scores, sink, how):
     spiked[0] = sink
     np.testing.assert_allclose(pool_scores(spiked, how), pool_scores(scores, how))
     np.testing.assert_allclose(pool_scores(scores[:1], how), scores[0])  # a one-token text pools to itself
+
+
+def test_user_jsonl_is_never_dropped_silently(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such file"):
+        list(corpus.read_jsonl(tmp_path / "missing.jsonl"))
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text('{"id": 1, "text": "fine"}\n{"id": 2, "te')
+    with pytest.raises(ValueError, match="torn.jsonl:2: malformed"):
+        list(corpus.read_jsonl(torn))
+
+
+def test_cli_read_jsonl_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    from monitor.cli import main as cli
+
+    assert cli(["read", "--run", str(tmp_path), "--jsonl", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_cli_debug_shows_the_traceback(tmp_path, capsys):
+    from monitor.cli import main as cli
+
+    assert cli(["read", "--run", str(tmp_path), "hello"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--debug" in err
+    from probes.bank import BankError
+
+    with pytest.raises(BankError, match="no probe bank"):
+        cli(["--debug", "read", "--run", str(tmp_path), "hello"])

@@ -46,6 +46,8 @@ def _top(labels, scores, k):
 def run(args) -> int:
     if bool(args.text) == bool(args.jsonl):
         raise ValueError("give either a text or --jsonl FILE")
+    if args.jsonl and not Path(args.jsonl).is_file():  # before loading a model for nothing
+        raise FileNotFoundError(f"{args.jsonl}: no such file")
     reader = make_reader(args.run, args.backend, args.model)
     if args.jsonl:
         return _read_jsonl(reader, args)
