@@ -31,23 +31,10 @@ def neutral_set() -> NeutralSet:
 
 
 def chat_tokens(tokenizer, messages, generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Token ids of a chat in the model's template, and the indices of the tokens inside
-    the messages' own text. The template's preamble and turn markers are left out: they
-    are the same in every chat and would only repeat a few readouts many times."""
-    from probes.tokens import chat_prompt
+    """Token ids of a chat as every reader renders it, and the indices of the tokens
+    inside the messages' own text. The template's preamble and turn markers are left
+    out: they are the same in every chat and would only repeat a few readouts many times."""
+    from probes.tokens import encode_chat
 
-    messages = list(messages)
-    if len(messages) == 1 and generation_prompt:
-        text = chat_prompt(tokenizer, messages[0]["content"])  # exactly what read_chat reads
-    elif getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    else:
-        text = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-    spans, pos = [], 0
-    for m in messages:
-        a = text.index(m["content"], pos)
-        spans.append((a, a + len(m["content"])))
-        pos = a + len(m["content"])
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and any(lo <= a < hi for lo, hi in spans)]
-    return enc["input_ids"], inside
+    _, ids, _, members = encode_chat(tokenizer, list(messages), generation_prompt)
+    return ids, [i for m in members for i in m]

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from probes.tokens import windows
+from probes.tokens import encode_chat, windows
 
 from .logs import Conversation, Skipped, read_logs
 from .rules import AllOf, AnyOf, Rule, Threshold, parse_rule
@@ -113,53 +113,6 @@ def spans(mask: np.ndarray, gap: int = 0) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in out]
 
 
-def assign_tokens(offsets: np.ndarray, message_spans: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """Token indices of each message: tokens whose character span overlaps the message's
-    text (a token over two messages goes to the first). Template tokens (role headers,
-    separators) belong to no message."""
-    starts, ends = offsets[:, 0], offsets[:, 1]
-    free = ends > starts
-    out = []
-    for s, e in message_spans:
-        mine = free & (starts < e) & (ends > s)
-        free &= ~mine
-        out.append(np.flatnonzero(mine))
-    return out
-
-
-# -- rendering --------------------------------------------------------------------------
-def locate(text: str, contents: Sequence[str]) -> list[tuple[int, int]] | None:
-    """Character span of each message's content in the rendered text, in order."""
-    out, cursor = [], 0
-    for c in contents:
-        key = c.strip()
-        i = text.find(key, cursor)
-        if i < 0:
-            return None
-        out.append((i, i + len(key)))
-        cursor = i + len(key)
-    return out
-
-
-def render(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]], str]:
-    """The conversation as the model would see it, and where each message sits in it.
-    Falls back to ``role: content`` blocks when the template refuses the conversation
-    (e.g. strict user/assistant alternation) or drops a message."""
-    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        from jinja2 import TemplateError
-
-        try:
-            text = tokenizer.apply_chat_template(msgs, tokenize=False)
-            where = locate(text, [m["content"] for m in msgs])
-            if where is not None:
-                return text, where, "chat"
-        except (TemplateError, ValueError, TypeError, KeyError):
-            pass
-    text = "".join(f"{m['role']}: {m['content']}\n\n" for m in msgs)
-    return text, locate(text, [m["content"] for m in msgs]), "plain"
-
-
 @dataclass
 class Encoded:
     conv: Conversation
@@ -167,18 +120,14 @@ class Encoded:
     ids: list[int]
     offsets: np.ndarray  # [tokens, 2] character offsets
     members: list[np.ndarray]  # token indices of each message
-    rendering: str
 
 
 def encode(tokenizer, conv: Conversation) -> Encoded:
-    """Render and tokenize once, keeping each token's character offsets."""
-    text, where, how = render(tokenizer, conv.messages)
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
-        raise ValueError("scanning needs a fast tokenizer (it maps tokens to messages by character offsets)") from None
-    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    return Encoded(conv, text, list(enc["input_ids"]), offsets, assign_tokens(offsets, where), how)
+    """Render (``probes.tokens.render_chat``, as every reader does) and tokenize once,
+    keeping each token's character offsets."""
+    text, ids, offsets, members = encode_chat(tokenizer, conv.messages)
+    return Encoded(conv, text, ids, np.asarray(offsets, dtype=np.int64).reshape(-1, 2),
+                   [np.asarray(m, dtype=np.int64) for m in members])
 
 
 def length_groups(lengths: Sequence[int], waste: float = 0.15, max_tokens: int = 32768) -> list[list[int]]:

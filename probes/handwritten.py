@@ -7,7 +7,7 @@ table fixes each text's emotion, topic, person and character name before anythin
 written, so topic is balanced across emotions and never confounded with one.
 ``compile_corpus`` joins sources and table into the gzipped JSONL the build reads.
 
-Stdlib only: writers run ``python3 -m probes.handwritten check FILE`` without torch.
+Writers run ``python3 -m probes.handwritten check FILE`` (stdlib only on that path).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from .corpus import DATA, emotions, topics
 
 V2 = Path(str(DATA)) / "v2"
 ASSIGNMENTS = V2 / "assignments.tsv"
+SHIPPED = Path(str(DATA)) / "corpus-v2.jsonl.gz"
 HEADLINE = ["afraid", "angry", "sad", "joyful", "proud", "guilty", "grateful", "disgusted",
             "surprised", "lonely", "desperate", "calm"]
 STORIES_PER_EMOTION = 30
@@ -103,7 +104,7 @@ def families() -> dict[str, list[str]]:
 def _banned_pattern() -> re.Pattern:
     forms = sorted({f.lower() for fam in families().values() for f in fam}, key=len, reverse=True)
     alts = [r"[\s-]+".join(re.escape(p) for p in re.split(r"[\s-]+", f)) for f in forms]
-    return re.compile(r"(?<![\w'-])(?:" + "|".join(alts) + r")(?![\w-])", re.IGNORECASE)
+    return re.compile(r"(?<![\w'])(?:" + "|".join(alts) + r")(?!\w)", re.IGNORECASE)  # inside compounds too: angry-red
 
 
 def banned_words(text: str) -> list[str]:
@@ -208,13 +209,15 @@ def source_files() -> list[Path]:
 EVAL = Path(str(DATA)) / "eval"
 
 
-def eval_rows() -> list[dict]:
+def eval_rows(with_empty: bool = False) -> list[dict]:
     """The held-out evaluation sets' blocks (ids ``implicit/<emotion>/<k>`` for user turns
     that imply an emotion, ``heldout/<emotion>/<k>`` for first-person messages)."""
     by_slug = {slug(e): e for e in emotions()}
     rows = []
     for path in sorted(EVAL.glob("*.txt")):
         for tid, text in parse_blocks(path).items():
+            if not text and not with_empty:
+                continue
             kind, s, _k = tid.split("/")
             rows.append({"id": tid, "kind": {"implicit": "implicit", "heldout": "message"}[kind],
                          "emotion": by_slug[s], "person": "user", "text": " ".join(text.split())})
@@ -224,7 +227,7 @@ def eval_rows() -> list[dict]:
 def check_files(paths: list[Path]) -> int:
     """Print every problem in the given source files; returns how many texts fail."""
     table = {r["id"]: r for r in load_assignments()}
-    table.update({r["id"]: r for r in eval_rows()})
+    table.update({r["id"]: r for r in eval_rows(with_empty=True)})
     failing = 0
     for path in paths:
         for tid, text in parse_blocks(path).items():
@@ -255,7 +258,7 @@ def compile_corpus(out: Path, sources: list[Path] | None = None) -> dict:
             if problems:
                 raise ValueError(f"{path}: {tid}: " + "; ".join(problems))
             rows.append({"id": tid, "kind": row["kind"], "topic": row["topic"], "emotion": row["emotion"] or None,
-                         "person": row["person"], "wave": row["wave"], "text": " ".join(text.split())})
+                         "person": row["person"], "name": row["name"], "wave": row["wave"], "text": " ".join(text.split())})
     order = {r["id"]: n for n, r in enumerate(table.values())}
     rows.sort(key=lambda r: order[r["id"]])
     out = Path(out)
@@ -269,11 +272,90 @@ def compile_corpus(out: Path, sources: list[Path] | None = None) -> dict:
     return counts
 
 
+# --- quality gates ---------------------------------------------------------------
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def _ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def gates(rows: list[dict]) -> dict:
+    """Corpus figures that catch a lazy or mechanical writer, for the corpus card:
+    near-duplicates (texts sharing a 6-gram that no other pair shares less often than
+    chance would: reported as pairs sharing >= 2 six-grams), each emotion's share of
+    repeated 4-grams (4-grams used in more than one of its stories), distinct openings
+    and names, lengths, and coverage per emotion and topic."""
+    import numpy as np
+
+    stories = [r for r in rows if r["kind"] == "story"]
+    owners: dict[tuple[str, ...], list[int]] = {}
+    grams = [_ngrams(_words(r["text"]), 6) for r in rows]
+    for i, g in enumerate(grams):
+        for gram in g:
+            owners.setdefault(gram, []).append(i)
+    shared: dict[tuple[int, int], int] = {}
+    for idx in owners.values():
+        if 1 < len(idx) <= 20:  # a 6-gram in dozens of texts is a stock phrase, counted below
+            for a in range(len(idx)):
+                for b in range(a + 1, len(idx)):
+                    shared[idx[a], idx[b]] = shared.get((idx[a], idx[b]), 0) + 1
+    near = sorted(((rows[a]["id"], rows[b]["id"], k) for (a, b), k in shared.items() if k >= 2),
+                  key=lambda t: -t[2])
+    common6 = sorted(((" ".join(g), len(i)) for g, i in owners.items() if len(i) > 20), key=lambda t: -t[1])
+    by_emotion: dict[str, list[dict]] = {}
+    for r in stories:
+        by_emotion.setdefault(r["emotion"], []).append(r)
+    repeated = {}
+    for e, rs in by_emotion.items():
+        counts: dict[tuple[str, ...], int] = {}
+        for r in rs:
+            for g in _ngrams(_words(r["text"]), 4):
+                counts[g] = counts.get(g, 0) + 1
+        repeated[e] = round(sum(1 for c in counts.values() if c > 1) / max(len(counts), 1), 4)
+    openings = [" ".join(_words(r["text"])[:2]) for r in stories]
+    first = [(_words(r["text"]) or [""])[0] for r in stories]
+    lengths = np.array([len(r["text"].split()) for r in stories]) if stories else np.zeros(1)
+    per_emotion = {e: len(rs) for e, rs in by_emotion.items()}
+    topics_per_emotion = {e: len({r["topic"] for r in rs}) for e, rs in by_emotion.items()}
+    kinds: dict[str, int] = {}
+    for r in rows:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    banned = [r["id"] for r in rows if banned_words(r["text"])]
+    return {
+        "texts": kinds, "family_filter_failures": banned,
+        "stories_per_emotion": {"min": min(per_emotion.values(), default=0), "max": max(per_emotion.values(), default=0),
+                                "emotions": len(per_emotion)},
+        "topics": len({r["topic"] for r in stories}),
+        "topics_per_emotion": {"min": min(topics_per_emotion.values(), default=0)},
+        "first_person_share": round(float(np.mean([r.get("person") == "first" for r in stories])), 3) if stories else 0,
+        "words": {"min": int(lengths.min()), "median": float(np.median(lengths)), "max": int(lengths.max())},
+        "near_duplicate_pairs": {"count": len(near), "worst": near[:10]},
+        "stock_6grams": common6[:10],
+        "repeated_4gram_share": {"median": float(np.median(list(repeated.values()))) if repeated else 0,
+                                 "max": max(repeated.items(), key=lambda t: t[1]) if repeated else None},
+        "openings": {"distinct_first_two_words": round(len(set(openings)) / max(len(openings), 1), 3),
+                     "top_first_words": sorted(((w, first.count(w)) for w in set(first)), key=lambda t: -t[1])[:8]},
+        "names": {"distinct": len({r.get("name") for r in rows if r.get("name")})},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("check", "assign"):
-        print("usage: python -m probes.handwritten check [FILE ...] | assign", file=sys.stderr)
+    if not argv or argv[0] not in ("check", "assign", "compile"):
+        print("usage: python -m probes.handwritten check [FILE ...] | assign | compile", file=sys.stderr)
         return 2
+    if argv[0] == "compile":  # sources -> the shipped corpus, and the gates' figures beside it
+        counts = compile_corpus(SHIPPED)
+        from .corpus import read_jsonl
+
+        rows = list(read_jsonl(SHIPPED))
+        figures = {"counts": counts, **gates(rows)}
+        SHIPPED.with_name("corpus-v2.gates.json").write_text(json.dumps(figures, indent=1))
+        print(json.dumps(figures, indent=1))
+        return 0
     if argv[0] == "assign":  # the table, then empty blocks for writers to fill
         write_assignments()
         write_skeletons()

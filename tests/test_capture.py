@@ -1,4 +1,5 @@
 """Layer naming, early stop, padding invariance, pooling and chat positions."""
+import copy
 import numpy as np
 import pytest
 import torch
@@ -109,3 +110,26 @@ def test_check_layer_out_of_range(tiny_llama):
     model, tok = tiny_llama
     with pytest.raises(ValueError, match="out of range"):
         hidden_states(model, *pad_batch([[5, 6]], 0), [99])
+
+
+def test_one_renderer_for_every_reader(tokenizer):
+    """Calibration, scan and chat reads see the same tokens for the same chat, with the
+    template and with the plain fallback of a tokenizer that has none (gemma3-270m base)."""
+    from calibration.neutral import chat_tokens
+    from monitor.logs import Conversation
+    from monitor.scan import encode
+    from probes.tokens import chat_prompt, render_chat
+
+    chat = [{"role": "user", "content": "the tests fail again ."}, {"role": "assistant", "content": "let me look ."}]
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    for tok in (tokenizer, bare):
+        text, spans = render_chat(tok, chat)
+        assert [text[a:b] for a, b in spans] == [m["content"] for m in chat]
+        ids, inside = chat_tokens(tok, chat)
+        enc = encode(tok, Conversation("c", chat, "test"))
+        assert enc.ids == ids and sorted(int(i) for m in enc.members for i in m) == inside
+        one = [{"role": "user", "content": "hello there"}]
+        assert chat_tokens(tok, one, generation_prompt=True)[0] == tok(chat_prompt(tok, "hello there"),
+                                                                        add_special_tokens=False)["input_ids"]
+    assert render_chat(bare, chat[:1], generation_prompt=True)[0] == "User: the tests fail again .\n\nAssistant:"

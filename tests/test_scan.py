@@ -23,7 +23,8 @@ from monitor.cli import main as cli
 from monitor.logs import Conversation, Skipped, detect, read_file, read_logs
 from monitor.rules import parse_rule
 from monitor.samples import make_samples
-from monitor.scan import (assign_tokens, calibrated_thresholds, conversations, encode, finished, length_groups, make_rules,
+from probes.tokens import message_tokens
+from monitor.scan import (calibrated_thresholds, conversations, encode, finished, length_groups, make_rules,
                           margin, scan, scan_batch, score_encoded, spans)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +144,7 @@ def test_tokens_belong_to_the_message_they_overlap(token_lens, gaps, data):
             break
         msgs.append((s, e))
         pos = e
-    members = assign_tokens(offsets, msgs)
+    members = message_tokens([tuple(o) for o in offsets], msgs)
     taken = set()
     for (s, e), idx in zip(msgs, members):
         want = [t for t, (a, b) in enumerate(offsets) if b > a and a < e and b > s and t not in taken]
@@ -168,7 +169,7 @@ class FakeReader:
 def test_windows_score_every_token_once(lengths, max_len):
     from monitor.scan import Encoded
 
-    items = [Encoded(None, "", list(range(n)), np.zeros((n, 2)), [], "chat") for n in lengths]
+    items = [Encoded(None, "", list(range(n)), np.zeros((n, 2)), []) for n in lengths]
     reader = FakeReader(max_len)
     out = score_encoded(reader, items)
     assert [o[:, 0].tolist() for o in out] == [list(range(n)) for n in lengths]
@@ -233,7 +234,7 @@ def test_long_conversations_read_in_windows(reader):
 def test_messages_get_exactly_their_own_tokens(reader):
     for conv in sample_conversations():
         enc = encode(reader.tokenizer, conv)
-        assert enc.rendering == "chat"
+        assert enc.text.startswith("<|im_start|>")  # the chat template, not the plain fallback
         (_, lines, n), = scan_batch(reader, [conv], make_rules(reader.bank))
         assert [ln["index"] for ln in lines] == list(range(len(conv.messages)))
         assert sum(ln["n_tokens"] for ln in lines) < n  # role headers belong to no message
@@ -511,6 +512,6 @@ def test_real_chat_template_maps_every_message(tmp_path):
     r = TorchReader(model, tok, random_bank(model, tok, labels=LABELS, layer=20))
     cs = [c for c in sample_conversations() if "frantic" not in c.id]  # short: the calm one and the fixtures
     for conv, (_, lines, n) in zip(cs, scan_batch(r, cs, make_rules(r.bank))):
-        assert encode(tok, conv).rendering == "chat"
+        assert encode(tok, conv).text.startswith("<|im_start|>")
         for ln, m in zip(lines, conv.messages):
             assert ln["n_tokens"] > 0 and "".join(ln["detail"]["tokens"]).strip() == m["content"].strip()

@@ -185,14 +185,11 @@ class EmoprobeModel(ModelAPI):
     def _generate(self, input: list[ChatMessage], config: GenerateConfig) -> ModelOutput:
         import torch
 
-        from monitor.scan import render
+        from probes.tokens import render_chat
 
         tok, model = self.tokenizer, self.session.reader.model  # loads the session (and self.monitor)
         msgs = [{"role": m["role"], "content": m["content"]} for m in as_messages(input)]
-        if getattr(tok, "chat_template", None):
-            prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        else:
-            prompt = render(tok, msgs)[0] + "assistant: "
+        prompt = render_chat(tok, msgs, generation_prompt=True)[0]
         ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
         limit = config.max_tokens or 128
         sample = bool(config.temperature)

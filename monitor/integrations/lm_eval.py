@@ -102,7 +102,7 @@ class EmoprobeLM(HFLM):
             text += part
         conv = Conversation("request", [{"role": "user", "content": context or " ", "id": None},
                                         {"role": "assistant", "content": continuation or " ", "id": None}], "lm-eval")
-        return Encoded(conv, text, ids, np.asarray(offsets, np.int64).reshape(-1, 2), members, "plain")
+        return Encoded(conv, text, ids, np.asarray(offsets, np.int64).reshape(-1, 2), members)
 
     def _line(self, request, enc, scores: np.ndarray, result) -> dict:
         from monitor.scan import conversation_lines
