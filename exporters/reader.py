@@ -11,14 +11,12 @@ import hashlib
 
 import json
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from probes.bank import ProbeBank
 from probes.models import ModelError, check_fingerprint, tokenizer_hash
 from probes.reader import BaseReader
-from probes.tokens import windows
 
 CARD = "card.json"
 CARD_FORMAT = 1
@@ -197,45 +195,15 @@ class OnnxReader(BaseReader):
         feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
         return dict(zip(self.outputs, self.session.run(None, feed)))
 
-    def _read(self, seqs: Sequence[Sequence[int]]) -> list[dict[str, np.ndarray]]:
-        """Per sequence {"scores": [T, n], "risk": [T]}: batched by length, right padded."""
-        if isinstance(seqs, np.ndarray) and seqs.ndim != 2:
-            raise ValueError(f"pass a list of token-id sequences, got an array of shape {list(seqs.shape)}")
-        arrays = []
-        for i, s in enumerate(seqs):
-            a = np.asarray(s)
-            if a.ndim != 1 or a.size == 0:
-                raise ValueError(f"sequence {i}: expected a non-empty 1-d list of token ids, got shape {list(a.shape)}")
-            arrays.append(a)
-        pieces = [(i, k, *w) for i, a in enumerate(arrays) for k, w in enumerate(windows(len(a), self.max_len, 256))]
-        parts: dict[tuple[int, int], dict] = {}
-        order = sorted(range(len(pieces)), key=lambda p: pieces[p][3] - pieces[p][2])
-        pad = self.tokenizer.pad_token_id or 0
-        for b in range(0, len(order), self.batch_size):
-            chunk = [pieces[p] for p in order[b:b + self.batch_size]]
-            width = max(end - begin for _, _, begin, end, _, _ in chunk)
-            ids = np.full((len(chunk), width), pad, np.int64)
-            mask = np.zeros((len(chunk), width), np.int64)
-            for row, (i, _, begin, end, _, _) in enumerate(chunk):
-                ids[row, :end - begin], mask[row, :end - begin] = arrays[i][begin:end], 1
-            out = self.run(ids, mask)
-            for row, (i, k, begin, _, own_from, own_to) in enumerate(chunk):
-                parts[i, k] = {name: v[row, own_from - begin:own_to - begin] for name, v in out.items()}
-        result = []
-        for i, a in enumerate(arrays):
-            ks = range(len(windows(len(a), self.max_len, 256)))
-            result.append({name: np.concatenate([parts[i, k][name] for k in ks]) for name in self.outputs})
-        return result
-
-    def score_ids(self, seqs):
-        return [r["scores"] for r in self._read(seqs)]
+    def forward(self, ids, mask):
+        return self.run(ids, mask)
 
     def risk_ids(self, seqs) -> list[np.ndarray]:
         """Per-token risk [tokens] of each sequence (needs a calibrated bank's export)."""
         if not self.has_risk:
             raise ValueError(f"{self.file} has no risk output: calibrate the bank (`emoprobe calibrate`) "
                              "and export again")
-        return [r["risk"] for r in self._read(seqs)]
+        return [r["risk"] for r in self.read_ids(seqs)]
 
 
 def load(path: str | Path, tokenizer=None, int8: bool = False, threads: int | None = None,

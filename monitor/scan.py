@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from probes.tokens import encode_chat, windows
+from probes.tokens import encode_chat
 
 from .logs import Conversation, Skipped, read_logs
 from .rules import AllOf, AnyOf, Rule, Threshold, parse_rule
@@ -130,39 +130,6 @@ def encode(tokenizer, conv: Conversation) -> Encoded:
                    [np.asarray(m, dtype=np.int64) for m in members])
 
 
-def length_groups(lengths: Sequence[int], waste: float = 0.15, max_tokens: int = 32768) -> list[list[int]]:
-    """Indices grouped by length so that padding a group to its longest member costs at
-    most ``waste`` extra: on a CPU, padded positions are paid for like real tokens."""
-    groups, cur, total = [], [], 0
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        width = lengths[cur[0]] if cur else lengths[i]
-        wide = width * (len(cur) + 1)
-        if cur and (wide > (total + lengths[i]) * (1 + waste) or wide > max_tokens):
-            groups.append(cur)
-            cur, total = [], 0
-        cur.append(i)
-        total += lengths[i]
-    return groups + [cur] if cur else groups
-
-
-def score_encoded(reader, items: Sequence[Encoded], overlap: int | None = None) -> list[np.ndarray]:
-    """Per-token scores [tokens, n] of each encoded conversation, all read in one call to
-    ``reader.score_ids``; sequences longer than ``reader.max_len`` go in overlapping
-    windows (each token kept from the window that saw it with the most context)."""
-    size = int(reader.max_len)
-    overlap = min(256, size // 4) if overlap is None else overlap
-    pieces = [(k, w) for k, it in enumerate(items) for w in windows(len(it.ids), size, overlap)]
-    seqs = [items[k].ids[b:e] for k, (b, e, _, _) in pieces]
-    scores: list = [None] * len(seqs)
-    for group in length_groups([len(s) for s in seqs]):
-        for i, s in zip(group, reader.score_ids([seqs[i] for i in group])):
-            scores[i] = s
-    parts: list[list[np.ndarray]] = [[] for _ in items]
-    for (k, (b, _, own_from, own_to)), s in zip(pieces, scores):
-        parts[k].append(np.asarray(s)[own_from - b:own_to - b])
-    return [np.concatenate(p, 0) for p in parts]
-
-
 def _r(x, nd=3):
     return round(float(x), nd)
 
@@ -225,7 +192,7 @@ def scan_batch(reader, convs: Sequence[Conversation], rules: Sequence[Rule], det
     """(conversation id, output lines, tokens read) for each conversation of a batch."""
     items = [encode(reader.tokenizer, c) for c in convs]
     keep = [it for it in items if it.ids]
-    scores = dict(zip((id(it) for it in keep), score_encoded(reader, keep))) if keep else {}
+    scores = dict(zip((id(it) for it in keep), reader.score_ids([it.ids for it in keep]))) if keep else {}
     out = []
     for it in items:
         s = scores.get(id(it), np.zeros((0, len(reader.labels)), np.float32))

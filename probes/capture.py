@@ -7,14 +7,13 @@ for, so the blocks above it and the LM head are never computed.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .tokens import windows
+from .tokens import read_windowed
 
 POOLS = ("mean", "last", "max")
 
@@ -70,6 +69,16 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def model_device(model) -> torch.device:
+    """Where the model's weights are: inputs go there, results come back to the CPU."""
+    return next(model.parameters()).device
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is present, else ``cpu``: the default of every ``--device``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @torch.no_grad()
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   layers: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -87,6 +96,8 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         return hook
 
     handles = [blocks[k].register_forward_hook(hook_for(k)) for k in layers]
+    device = model_device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     try:
         base = getattr(model, "model", model)  # skip the LM head: logits are never needed
         base(input_ids=input_ids, attention_mask=attention_mask,
@@ -138,27 +149,16 @@ def max_context(model, tokenizer, cap: int = 2048) -> int:
 
 @torch.no_grad()
 def token_states(model, seqs: Sequence[Sequence[int]], layer: int, *, pad_id: int = 0,
-                 batch_size: int = 16, max_len: int = 2048, overlap: int = 256) -> list[torch.Tensor]:
-    """Per-token residual stream at one layer for each sequence: [tokens, hidden] each.
-    Sequences longer than ``max_len`` are read in overlapping windows and stitched."""
+                 batch_size: int = 16, max_len: int = 2048, overlap: int | None = None) -> list[torch.Tensor]:
+    """Per-token residual stream at one layer for each sequence: [tokens, hidden] each
+    (float32, on the CPU). Long sequences go through the readers' window loop."""
     layer = check_layer(model, layer)
-    pieces, n_windows = [], []  # pieces: (sequence index, window index, begin, end, own_from, own_to)
-    for i, s in enumerate(seqs):
-        wins = windows(len(s), max_len, overlap)
-        n_windows.append(len(wins))
-        if len(wins) > 1:
-            warnings.warn(f"sequence {i} has {len(s)} tokens, more than the context {max_len}: "
-                          f"read in {len(wins)} overlapping windows", stacklevel=2)
-        pieces += [(i, k, *w) for k, w in enumerate(wins)]
-    parts: dict[tuple[int, int], torch.Tensor] = {}
-    order = sorted(range(len(pieces)), key=lambda p: pieces[p][3] - pieces[p][2])
-    for b in range(0, len(order), batch_size):
-        chunk = [pieces[p] for p in order[b:b + batch_size]]
-        ids, mask = pad_batch([seqs[i][begin:end] for i, _, begin, end, _, _ in chunk], pad_id)
-        h = hidden_states(model, ids, mask, [layer])[layer]
-        for row, (i, k, begin, _, own_from, own_to) in enumerate(chunk):
-            parts[i, k] = h[row, own_from - begin:own_to - begin].float()
-    return [torch.cat([parts[i, k] for k in range(n)], 0) for i, n in enumerate(n_windows)]
+
+    def forward(ids, mask):
+        h = hidden_states(model, torch.from_numpy(ids), torch.from_numpy(mask), [layer])[layer]
+        return {"h": h.float().cpu().numpy()}
+    return [torch.from_numpy(r["h"]) for r in read_windowed(seqs, forward, max_len, batch_size=batch_size,
+                                                              overlap=overlap, pad_id=pad_id)]
 
 
 @torch.no_grad()
@@ -176,7 +176,7 @@ def pooled_states(model, seqs: Sequence[Sequence[int]], layers: Iterable[int], *
         idx = order[b:b + batch_size]
         ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
         hs = hidden_states(model, ids, mask, layers)
-        stacked = torch.stack([pool(hs[k].float(), mask, how, start) for k in layers], 1)
+        stacked = torch.stack([pool(hs[k].float(), mask.to(hs[k].device), how, start) for k in layers], 1)
         if result is None:
             d = stacked.shape[-1]
             result = np.zeros((len(seqs), len(layers), d), dtype=np.float32)
@@ -209,10 +209,9 @@ def measure_residual_norms(model, tokenizer, texts: Sequence[str] = NEUTRAL_TEXT
     """Mean L2 norm of each layer's output over the texts' tokens, first token excluded."""
     seqs = [tokenizer(t)["input_ids"] for t in texts]
     ids, mask = pad_batch(seqs, tokenizer.pad_token_id or 0)
-    device = next(model.parameters()).device
     n = len(decoder_layers(model))
-    hs = hidden_states(model, ids.to(device), mask.to(device), range(n))
+    hs = hidden_states(model, ids, mask, range(n))
     keep = mask.bool().clone()
     keep[:, 0] = False
-    keep = keep.to(device)
+    keep = keep.to(model_device(model))
     return np.array([hs[k].float().norm(dim=-1)[keep].mean().item() for k in range(n)])

@@ -199,14 +199,18 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
     )
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, dtype: str = "float32"):
-    """Return ``(model, tokenizer)`` in eval mode; the model carries ``emoprobe_name``."""
+def load_model(name_or_path: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, dtype: str = "float32",
+               device: str | None = None):
+    """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: cuda when
+    present, else cpu); the model carries ``emoprobe_name``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .capture import default_device
 
     name, path = resolve(name_or_path)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.eval()
+    model.to(device or default_device()).eval()
     model.emoprobe_name = name
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from .bank import ProbeBank
-from .tokens import chat_read_positions
+from .tokens import chat_read_positions, read_windowed
 
 POOLS = ("mean", "last", "max")
 
@@ -30,17 +30,30 @@ def pool_scores(scores: np.ndarray, how: str) -> np.ndarray:
 
 
 class BaseReader:
+    """Everything but one padded forward pass: backends implement ``forward``."""
+
     bank: ProbeBank
     tokenizer: object
     max_len: int = 2048
+    batch_size: int = 16
+    overlap: int | None = None  # tokens shared by windows of a long text (None: the default)
 
     @property
     def labels(self) -> list[str]:
         return self.bank.labels
 
+    def forward(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs of a right-padded batch [B, T]: at least {"scores": [B, T, n_emotions]}."""
+        raise NotImplementedError
+
+    def read_ids(self, seqs: Sequence[Sequence[int]]) -> list[dict[str, np.ndarray]]:
+        """Every output of ``forward`` per sequence, long ones read in windows."""
+        return read_windowed(seqs, self.forward, self.max_len, batch_size=self.batch_size, overlap=self.overlap,
+                             pad_id=getattr(self.tokenizer, "pad_token_id", None) or 0)
+
     def score_ids(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Per-token scores [tokens, n_emotions] for each token-id sequence."""
-        raise NotImplementedError
+        return [r["scores"] for r in self.read_ids(seqs)]
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         if isinstance(texts, str):
@@ -73,23 +86,26 @@ class BaseReader:
 
 
 class TorchReader(BaseReader):
-    """Reads with the HF model in torch; stops the forward pass at the read layer."""
+    """Reads with the HF model in torch, on the model's device; stops the forward pass at
+    the read layer."""
 
     def __init__(self, model, tokenizer, bank: ProbeBank, batch_size: int = 16):
         import torch
 
-        from .capture import max_context
+        from .capture import max_context, model_device
         from .models import check_fingerprint, fingerprint
 
         check_fingerprint(bank.model, fingerprint(model, tokenizer), what="probe bank")
         self.model, self.tokenizer, self.bank, self.batch_size = model, tokenizer, bank, batch_size
         self.max_len = max_context(model, tokenizer)
         W, b = bank.head()
-        self._W, self._b = torch.from_numpy(W), torch.from_numpy(b)
+        device = model_device(model)
+        self._W, self._b = torch.from_numpy(W).to(device), torch.from_numpy(b).to(device)
 
-    def score_ids(self, seqs):
-        from .capture import token_states
+    def forward(self, ids, mask):
+        import torch
 
-        hs = token_states(self.model, seqs, self.bank.layer, pad_id=self.tokenizer.pad_token_id or 0,
-                          batch_size=self.batch_size, max_len=self.max_len)
-        return [(h @ self._W.T + self._b).numpy() for h in hs]
+        from .capture import hidden_states
+
+        h = hidden_states(self.model, torch.from_numpy(ids), torch.from_numpy(mask), [self.bank.layer])[self.bank.layer]
+        return {"scores": (h.float() @ self._W.T + self._b).cpu().numpy()}

@@ -1,7 +1,11 @@
-"""Token-level helpers that need no torch, shared by the torch and onnxruntime readers."""
+"""Token-level helpers that need no torch, shared by the torch and onnxruntime readers:
+long-text windows, the batching loop, and the one chat renderer."""
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
+
+import numpy as np
 
 
 def windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int, int, int]]:
@@ -21,6 +25,64 @@ def windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int, int,
         begin += step
     owns = [0] + [b + overlap // 2 for b, _ in spans[1:]] + [n_tokens]
     return [(b, e, owns[k], owns[k + 1]) for k, (b, e) in enumerate(spans)]
+
+
+def default_overlap(max_len: int) -> int:
+    """Tokens two neighbouring windows share: enough context, never most of a window."""
+    return min(256, max_len // 4)
+
+
+def length_groups(lengths: Sequence[int], waste: float = 0.15, max_tokens: int = 32768,
+                  max_rows: int | None = None) -> list[list[int]]:
+    """Indices grouped by length so that padding a group to its longest member costs at
+    most ``waste`` extra (padded positions are paid for like real tokens), with at most
+    ``max_tokens`` padded tokens and ``max_rows`` rows per group."""
+    groups, cur, total = [], [], 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        width = lengths[cur[0]] if cur else lengths[i]
+        wide = width * (len(cur) + 1)
+        full = max_rows is not None and len(cur) >= max_rows
+        if cur and (full or wide > (total + lengths[i]) * (1 + waste) or wide > max_tokens):
+            groups.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += lengths[i]
+    return groups + [cur] if cur else groups
+
+
+def read_windowed(seqs: Sequence[Sequence[int]], forward, max_len: int, *, batch_size: int = 16,
+                  overlap: int | None = None, pad_id: int = 0) -> list[dict]:
+    """The one loop every reader runs: each sequence cut into windows of at most
+    ``max_len`` tokens (each token kept from the window that saw it with the most
+    context), windows batched by length and right-padded, ``forward(ids, mask)``
+    ([B, T] int64 arrays -> {name: array [B, T, ...]}) run per batch, outputs stitched
+    back per sequence: {name: [tokens, ...]}."""
+    overlap = default_overlap(max_len) if overlap is None else overlap
+    arrays = []
+    for i, s in enumerate(seqs):
+        a = np.asarray(s)
+        if a.ndim != 1 or a.size == 0 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+            raise ValueError(f"sequence {i}: expected a non-empty 1-d list of token ids, got shape {list(a.shape)}")
+        arrays.append(a.astype(np.int64))
+    cuts = [windows(len(a), max_len, overlap) for a in arrays]
+    long = [i for i, c in enumerate(cuts) if len(c) > 1]
+    if long:
+        warnings.warn(f"{len(long)} sequence(s) longer than the context of {max_len} tokens (the first: "
+                      f"sequence {long[0]}, {len(arrays[long[0]])} tokens) read in overlapping windows", stacklevel=3)
+    pieces = [(i, k, *w) for i, c in enumerate(cuts) for k, w in enumerate(c)]
+    parts: dict[tuple[int, int], dict] = {}
+    for group in length_groups([p[3] - p[2] for p in pieces], max_rows=batch_size):
+        chunk = [pieces[p] for p in group]
+        width = max(end - begin for _, _, begin, end, _, _ in chunk)
+        ids = np.full((len(chunk), width), pad_id, np.int64)
+        mask = np.zeros((len(chunk), width), np.int64)
+        for row, (i, _, begin, end, _, _) in enumerate(chunk):
+            ids[row, :end - begin], mask[row, :end - begin] = arrays[i][begin:end], 1
+        out = forward(ids, mask)
+        for row, (i, k, begin, _, own_from, own_to) in enumerate(chunk):
+            parts[i, k] = {name: v[row, own_from - begin:own_to - begin] for name, v in out.items()}
+    return [{name: np.concatenate([parts[i, k][name] for k in range(len(c))]) for name in parts[i, 0]}
+            for i, c in enumerate(cuts)]
 
 
 def _locate(text: str, contents: Sequence[str]) -> list[tuple[int, int]] | None:

@@ -133,3 +133,68 @@ def test_one_renderer_for_every_reader(tokenizer):
         assert chat_tokens(tok, one, generation_prompt=True)[0] == tok(chat_prompt(tok, "hello there"),
                                                                         add_special_tokens=False)["input_ids"]
     assert render_chat(bare, chat[:1], generation_prompt=True)[0] == "User: the tests fail again .\n\nAssistant:"
+
+
+@given(st.lists(st.integers(1, 200), min_size=1, max_size=6), st.integers(8, 64), st.integers(1, 5))
+def test_window_loop_returns_every_token_once(lengths, max_len, batch_size):
+    """The loop every reader runs: each token comes back exactly once, in order, no
+    forward call sees more than max_len tokens or batch_size rows."""
+    from probes.tokens import read_windowed
+
+    seen = []
+
+    def forward(ids, mask):
+        seen.append(ids.shape)
+        assert (ids[mask == 0] == -1).all()  # padding on the right only, with pad_id
+        return {"x": ids[..., None].astype(float)}
+    seqs = [list(range(n)) for n in lengths]
+    out = read_windowed(seqs, forward, max_len, batch_size=batch_size, pad_id=-1)
+    assert [o["x"][:, 0].tolist() for o in out] == seqs
+    assert all(w <= max_len and b <= batch_size for b, w in seen)
+
+
+@given(st.lists(st.integers(1, 3000), max_size=40))
+def test_length_groups_bound_the_padding(lengths):
+    from probes.tokens import length_groups
+
+    groups = length_groups(lengths, waste=0.15, max_tokens=8192, max_rows=7)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        longest, real = max(lengths[i] for i in g), sum(lengths[i] for i in g)
+        assert len(g) == 1 or (longest * len(g) <= 1.15 * real and longest * len(g) <= 8192 and len(g) <= 7)
+
+
+def test_long_text_warns_once_per_call(tiny_llama):
+    model, tok = tiny_llama
+    with pytest.warns(UserWarning, match="2 sequence") as rec:
+        token_states(model, [list(range(5, 80)), list(range(5, 90)), [5, 6]], 1, max_len=32)
+    assert len(rec) == 1
+
+
+def test_inputs_are_moved_to_the_model_device(tiny_llama, monkeypatch):
+    """Every torch path sends its inputs to the model's device (a GPU user's model lives
+    there): the device object capture reports is the one each input is moved to."""
+    from probes import capture
+    from probes.reader import TorchReader
+
+    model, tok = tiny_llama
+    where = torch.device("cpu")  # identity, not equality, marks the model's device
+    moved = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *a, **k):
+        if a and a[0] is where:
+            moved.append(tuple(self.shape))
+        return real_to(self, *a, **k)
+    monkeypatch.setattr(capture, "model_device", lambda m: where)
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    token_states(model, [[5, 6, 7]], 1)
+    assert moved.count((1, 3)) == 2  # ids and mask
+    moved.clear()
+    pooled_states(model, [[5, 6, 7, 8]], [0, 1])
+    assert moved.count((1, 4)) >= 2
+    moved.clear()
+    from conftest import random_bank
+
+    TorchReader(model, tok, random_bank(model, tok)).read(["a b c"])
+    assert len(moved) >= 2

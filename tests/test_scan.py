@@ -24,8 +24,8 @@ from monitor.logs import Conversation, Skipped, detect, read_file, read_logs
 from monitor.rules import parse_rule
 from monitor.samples import make_samples
 from probes.tokens import message_tokens
-from monitor.scan import (calibrated_thresholds, conversations, encode, finished, length_groups, make_rules,
-                          margin, scan, scan_batch, score_encoded, spans)
+from monitor.scan import (calibrated_thresholds, conversations, encode, finished, make_rules,
+                          margin, scan, scan_batch, spans)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "monitor" / "samples"
@@ -154,37 +154,6 @@ def test_tokens_belong_to_the_message_they_overlap(token_lens, gaps, data):
     assert len(set(owner.tolist())) == len(owner)  # no token in two messages
 
 
-class FakeReader:
-    """Scores a token by its own id, so stitched windows must give back the ids in order."""
-
-    def __init__(self, max_len):
-        self.max_len, self.labels, self.seen = max_len, ["x"], []
-
-    def score_ids(self, seqs):
-        self.seen += [len(s) for s in seqs]
-        return [np.asarray(s, float)[:, None] for s in seqs]
-
-
-@given(st.lists(st.integers(1, 200), min_size=1, max_size=5), st.integers(8, 64))
-def test_windows_score_every_token_once(lengths, max_len):
-    from monitor.scan import Encoded
-
-    items = [Encoded(None, "", list(range(n)), np.zeros((n, 2)), []) for n in lengths]
-    reader = FakeReader(max_len)
-    out = score_encoded(reader, items)
-    assert [o[:, 0].tolist() for o in out] == [list(range(n)) for n in lengths]
-    assert max(reader.seen) <= max_len
-
-
-@given(st.lists(st.integers(1, 3000), max_size=40))
-def test_length_groups_bound_the_padding(lengths):
-    groups = length_groups(lengths, waste=0.15, max_tokens=8192)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for g in groups:
-        longest, real = max(lengths[i] for i in g), sum(lengths[i] for i in g)
-        assert len(g) == 1 or (longest * len(g) <= 1.15 * real and longest * len(g) <= 8192)
-
-
 _rule = st.builds(lambda e, op, v, k: parse_rule(f"{e}{op}{v}" + (f" rolling {k}" if k > 1 else "")),
                   st.sampled_from(LABELS), st.sampled_from([">", "<"]), st.integers(-2, 2), st.integers(1, 3))
 
@@ -219,7 +188,7 @@ def test_long_conversations_read_in_windows(reader):
     old = reader.max_len
     try:
         reader.max_len = 64
-        stitched = score_encoded(reader, [enc], overlap=16)[0]
+        stitched = reader.score_ids([enc.ids])[0]
     finally:
         reader.max_len = old
     from probes.tokens import windows
@@ -256,7 +225,7 @@ def test_batched_scan_equals_one_conversation_at_a_time(reader):
 def test_flags_follow_the_rules(reader, tmp_path):
     bank = reader.bank
     cs = sample_conversations()
-    z = np.concatenate(score_encoded(reader, [encode(reader.tokenizer, c) for c in cs]))
+    z = np.concatenate(reader.score_ids([encode(reader.tokenizer, c).ids for c in cs]))
     mid = float(np.median(z[:, LABELS.index("happy")]))
     rules = make_rules(bank, watch=[], alerts=[f"happy>{mid:.3f}", "happy>1000", "calm<-1000 | afraid>-1000"])
     lines = [ln for _, ls, _ in scan_batch(reader, cs, rules) for ln in ls]
@@ -449,7 +418,7 @@ def report(reader, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("report")
     cs = sample_conversations()
-    z = np.concatenate(score_encoded(reader, [encode(reader.tokenizer, c) for c in cs]))
+    z = np.concatenate(reader.score_ids([encode(reader.tokenizer, c).ids for c in cs]))
     q = float(np.quantile(z[:, LABELS.index("afraid")], 0.8))
     summary = scan([SAMPLES], d / "scan.jsonl", reader, rules=make_rules(reader.bank, alerts=[f"afraid>{q:.3f}"]),
                    progress=False)

@@ -222,7 +222,7 @@ class EmoprobeModel(ModelAPI):
         text = tok.decode(ids)
         offsets = np.array([[a, max(a, b)] for a, b in zip(cuts, cuts[1:])], np.int64).reshape(-1, 2)
         conv = Conversation("live", [{"role": "assistant", "content": text or " ", "id": None}], "live")
-        enc = Encoded(conv, text, ids, offsets, [np.arange(n)], "live")
+        enc = Encoded(conv, text, ids, offsets, [np.arange(n)])
         line = conversation_lines(enc, scores, self.session.labels, self.session.rules, detail=False)[0]
         for k in ("conversation", "n_messages", "id", "source"):
             line.pop(k, None)

@@ -73,13 +73,12 @@ class EmoprobeLM(HFLM):
     # -- the side-car ------------------------------------------------------------------
     def _record(self, requests, pairs, results) -> None:
         """Read each (context, continuation) once, all in one batched call, and append a line per request."""
-        from monitor.scan import score_encoded
 
         if self.rank != 0 or not requests:
             return
         items = [self._encode(ctx, cont) for ctx, cont in pairs]
         keep = [it for it in items if it.ids]
-        scores = dict(zip(map(id, keep), score_encoded(self.session.reader, keep)))
+        scores = dict(zip(map(id, keep), self.session.reader.score_ids([it.ids for it in keep])))
         with open(self.readout_path, "a", encoding="utf-8") as f:
             for r, it, res in zip(requests, items, results):
                 s = scores.get(id(it), np.zeros((0, len(self.session.labels)), np.float32))
