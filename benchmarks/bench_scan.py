@@ -111,10 +111,10 @@ def main() -> None:
         timed_scan(logs, onnx, bank, rules)
         best["scan_onnx"] = min((timed_scan(logs, onnx, bank, rules)[:3] for _ in range(args.repeats)), key=lambda r: r[0])
     if args.workers > 1 and run is not None:
-        from monitor.commands.scan import reader_for
+        from monitor.runs import open_reader
 
         threads = max(1, torch.get_num_threads() // args.workers)
-        factory = functools.partial(reader_for, str(run), "torch", None, threads)
+        factory = functools.partial(open_reader, str(run), "torch", None, None, threads)
         best[f"scan_torch_x{args.workers}"] = timed_scan(logs, factory, bank, rules, args.workers)[:3]
 
     base = best["naive"][1] / best["naive"][0]

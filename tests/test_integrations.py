@@ -210,8 +210,8 @@ def test_scorer_replays_samples_from_inspects_mock_model(tiny_run, tmp_path):
 
 def test_an_eval_loads_the_model_once(tiny_run, tmp_path, monkeypatch):
     """Provider and replaying scorer over several samples share one load."""
-    import monitor.commands.read as read
     import monitor.integrations as core
+    import monitor.runs as runs
     from inspect_ai import Task, eval as inspect_eval
     from inspect_ai.dataset import Sample
     from inspect_ai.solver import generate
@@ -219,8 +219,8 @@ def test_an_eval_loads_the_model_once(tiny_run, tmp_path, monkeypatch):
     from monitor.integrations.inspect_ai import emotion_monitor
 
     loads = []
-    real = read.make_reader
-    monkeypatch.setattr(read, "make_reader", lambda *a: loads.append(a) or real(*a))
+    real = runs.open_reader
+    monkeypatch.setattr(runs, "open_reader", lambda *a: loads.append(a) or real(*a))
     core._reader.cache_clear()
     run, model = str(tiny_run / "run"), str(tiny_run / "model")
     task = Task(dataset=[Sample(input=f"hello {k}") for k in range(4)], solver=generate(),

@@ -13,19 +13,17 @@ def register(sub) -> None:
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the alert thresholds on the neutral set")
     p.add_argument("--no-save", action="store_true", help="write the results but leave the bank unchanged")
     p.add_argument("--model", help="model name or directory (default: the bank's model)")
+    p.add_argument("--device", help="torch device for the model (default: cuda when present, else cpu)")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from calibration import calibrate_run, resolve_suites
-    from probes.bank import ProbeBank
-    from probes.models import fingerprint, load_model
+    from monitor.runs import open_run
 
     suites = resolve_suites(args.suite)  # validate before loading anything heavy
-    bank = ProbeBank.load(args.run)
-    model, tok = load_model(args.model or bank.model["name"])
-    bank = ProbeBank.load(args.run, fingerprint(model, tok))
+    bank, model, tok = open_run(args.run, args.model, args.device)
     bank = calibrate_run(args.run, model, tok, bank, suites=suites, out=args.out, at=args.at, fpr=args.fpr,
                          batch_size=args.batch_size, save=not args.no_save)
     print(summary_table(args.run))

@@ -9,6 +9,7 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="export the bank to ONNX (head, fused monitor, int8) and llama.cpp vectors")
     p.add_argument("--run", required=True, help="run directory with bank/; writes RUN/export/")
     p.add_argument("--model", help="model name or directory (default: the bank's model)")
+    p.add_argument("--device", help="torch device for the parity checks (default: cuda when present, else cpu)")
     p.add_argument("--no-int8", action="store_true", help="skip the quantised monitor.int8.onnx")
     p.add_argument("--no-steering", action="store_true", help="skip the llama.cpp control vectors")
     p.set_defaults(func=run)
@@ -16,12 +17,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from exporters import export_run
-    from probes.bank import ProbeBank
-    from probes.models import fingerprint, load_model
+    from monitor.runs import open_run
 
-    bank = ProbeBank.load(args.run)  # fails fast, before the model loads
-    model, tok = load_model(args.model or bank.model["name"])
-    bank = ProbeBank.load(args.run, fingerprint(model, tok))
+    bank, model, tok = open_run(args.run, args.model, args.device)
     out = export_run(args.run, model, tok, bank, int8=not args.no_int8, steering=not args.no_steering)
     print(summary_table(out))
     return 0

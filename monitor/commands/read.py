@@ -18,24 +18,9 @@ def register(sub) -> None:
     p.add_argument("--top", type=int, default=3, help="emotions shown per token")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     p.add_argument("--model", help="model name or directory (default: the bank's model)")
+    p.add_argument("--device", help="torch device for the model (default: cuda when present, else cpu)")
     p.add_argument("--json", help="also write the per-token table as JSON here")
     p.set_defaults(func=run)
-
-
-def make_reader(run_dir: str, backend: str = "torch", model_name: str | None = None):
-    """A reader for a run directory; the onnx backend never imports torch."""
-    if backend == "onnx":
-        from exporters import load
-
-        return load(Path(run_dir))
-    from probes.bank import ProbeBank
-    from probes.models import fingerprint, load_model
-    from probes.reader import TorchReader
-
-    bank = ProbeBank.load(run_dir)
-    model, tok = load_model(model_name or bank.model["name"])
-    bank = ProbeBank.load(run_dir, fingerprint(model, tok))
-    return TorchReader(model, tok, bank)
 
 
 def _top(labels, scores, k):
@@ -48,19 +33,31 @@ def run(args) -> int:
         raise ValueError("give either a text or --jsonl FILE")
     if args.jsonl and not Path(args.jsonl).is_file():  # before loading a model for nothing
         raise FileNotFoundError(f"{args.jsonl}: no such file")
-    reader = make_reader(args.run, args.backend, args.model)
+    from monitor.runs import open_reader
+
+    reader = open_reader(args.run, args.backend, args.model, args.device)
     if args.jsonl:
         return _read_jsonl(reader, args)
-    (tokens, scores), = reader.read_tokens([args.text])
-    rows = [{"index": i, "token": t, "top": _top(reader.labels, s, args.top)} for i, (t, s) in enumerate(zip(tokens, scores))]
+    from probes.tokens import encode_chat
+
+    tok = reader.tokenizer
+    if args.chat:  # one pass over the chat: the user's tokens and the reply-opening token
+        _, ids, _, members = encode_chat(tok, [{"role": "user", "content": args.text}], generation_prompt=True)
+        shown = list(members[0])
+    else:
+        ids = reader.encode([args.text])[0]
+        shown = list(range(1, len(ids))) or [0]  # token 0 is the attention sink: tens of z, never pooled
+    scores = reader.score_ids([ids])[0]
+    rows = [{"index": i, "token": tok.decode([ids[i]]), "top": _top(reader.labels, scores[i], args.top)} for i in shown]
     z = "z" if reader.bank.calibrated else "score"
+    if not args.chat and len(ids) > 1:
+        print(f"     (token 0, {tok.decode([ids[0]])!r}, is the model's attention sink: not shown)")
     for r in rows:
         tops = "  ".join(f"{e} {v:+.2f}" for e, v in r["top"])
         print(f"{r['index']:>4} {r['token']!r:<18} {tops}")
     doc = {"text": args.text, "unit": z, "tokens": rows}
     if args.chat:
-        reply = reader.read_chat([args.text], at="reply")[0]
-        doc["reply_token"] = _top(reader.labels, reply, max(args.top, 5))
+        doc["reply_token"] = _top(reader.labels, scores[-1], max(args.top, 5))
         print("\nat the token that opens the assistant's reply:")
         print("  " + "  ".join(f"{e} {v:+.2f}" for e, v in doc["reply_token"]))
     if args.json:

@@ -29,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel processes, each with its own model")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     p.add_argument("--model", help="model name or directory (default: the bank's model)")
+    p.add_argument("--device", help="torch device for the model (default: cuda when present, else cpu)")
     p.add_argument("--top", type=int, default=50, help="conversations shown in detail in the HTML report")
     p.add_argument("--no-detail", dest="detail", action="store_false",
                    help="leave out the per-token detail (token texts, series, top emotions) the HTML heat map needs; "
@@ -38,24 +39,10 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def reader_for(run_dir: str, backend: str = "torch", model: str | None = None, threads: int | None = None):
-    """A reader for one process; ``threads`` splits the CPU between ``--workers``."""
-    if backend == "onnx":
-        from exporters import load
-
-        return load(Path(run_dir), threads=threads)
-    from monitor.commands.read import make_reader
-
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    return make_reader(run_dir, backend, model)
-
-
 def run(args) -> int:
     import os
 
+    from monitor.runs import open_reader
     from monitor.scan import format_summary, make_rules, scan, summary_path
     from probes.bank import ProbeBank
 
@@ -68,7 +55,7 @@ def run(args) -> int:
     watch = None if args.watch is None else args.watch.split(",")
     rules = make_rules(bank, watch, args.alert, args.smooth)
     threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
-    factory = functools.partial(reader_for, args.run, args.backend, args.model, threads)
+    factory = functools.partial(open_reader, args.run, args.backend, args.model, args.device, threads)
     reader = factory if args.workers > 1 else factory()
     summary = scan(args.logs, args.out, reader, bank=bank, rules=rules, fmt=args.format,
                    workers=args.workers, progress=not args.quiet, overwrite=args.overwrite, detail=args.detail)

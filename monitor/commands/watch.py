@@ -19,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("--run", required=True, help="run directory with bank/")
     p.add_argument("prompt", help="user message (sent through the chat template unless --raw)")
     p.add_argument("--model", help="model name or directory (default: the bank's model)")
+    p.add_argument("--device", help="torch device for the model (default: cuda when present, else cpu)")
     p.add_argument("--steer", action="append", default=[], metavar="EMOTION=STRENGTH",
                    help="add STRENGTH x the layer's mean residual norm of EMOTION's vector (repeatable), e.g. desperate=+0.05")
     p.add_argument("--steer-layers", help="comma-separated layers to steer at (default: the read layer)")
@@ -133,9 +134,9 @@ def make_painter(tokenizer, trace, screen: Screen, colors: dict[str, str], top: 
 def run(args) -> int:
     import torch
 
+    from monitor.runs import open_run
     from probes.bank import ProbeBank
     from probes.tokens import chat_prompt
-    from probes.models import fingerprint, load_model
 
     from ..live import EmotionMonitor
     from ..rules import parse_rule
@@ -149,12 +150,12 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
 
-    model, tok = load_model(args.model or bank.model["name"])
-    mon = EmotionMonitor(model, ProbeBank.load(args.run, fingerprint(model, tok)), tok)
+    bank, model, tok = open_run(args.run, args.model, args.device)
+    mon = EmotionMonitor(model, bank, tok)
     for rule in rules:
         mon.alert(rule)
     prompt = args.prompt if args.raw else chat_prompt(tok, args.prompt)
-    enc = tok(prompt, return_tensors="pt", add_special_tokens=args.raw)
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=args.raw).to(model.device)
 
     tty = sys.stdout.isatty()
     screen = Screen(sys.stdout, tty, args.color == "always" or (args.color == "auto" and tty))

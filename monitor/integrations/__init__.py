@@ -114,9 +114,9 @@ class Session:
 
 @functools.lru_cache(maxsize=4)
 def _reader(run: str, model: str | None):
-    from monitor.commands.read import make_reader
+    from monitor.runs import open_reader
 
-    return make_reader(run, "torch", model)
+    return open_reader(run, "torch", model)
 
 
 def load_reader(run: str | Path | None = None, model: str | None = None):

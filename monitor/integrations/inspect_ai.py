@@ -190,7 +190,7 @@ class EmoprobeModel(ModelAPI):
         tok, model = self.tokenizer, self.session.reader.model  # loads the session (and self.monitor)
         msgs = [{"role": m["role"], "content": m["content"]} for m in as_messages(input)]
         prompt = render_chat(tok, msgs, generation_prompt=True)[0]
-        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], device=model.device)
         limit = config.max_tokens or 128
         sample = bool(config.temperature)
         kwargs = dict(max_new_tokens=limit, do_sample=sample, pad_token_id=tok.pad_token_id)
