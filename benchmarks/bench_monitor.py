@@ -28,7 +28,8 @@ from monitor.live import EmotionMonitor, Trace, _Watch
 from monitor.rules import Threshold
 from probes.bank import ProbeBank
 from probes.corpus import emotions
-from probes.models import DEFAULT_MODEL, fingerprint, load_model, text_config
+from probes.architectures import text_config
+from probes.models import DEFAULT_MODEL, fingerprint, load_model
 
 PROMPTS = ["You must make these failing tests pass before the deadline tonight.",
            "Write a short note to a colleague about the quarterly report.",

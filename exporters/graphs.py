@@ -7,16 +7,14 @@ read layer, no final norm, no LM head, and padding on either side is exact.
 """
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import torch
 from torch import nn
 
 from calibration.run import RISK_TENSORS
 from probes.bank import ProbeBank
-from probes.capture import block_output, check_layer, decoder_layers, position_ids
-from probes.models import text_config
+from probes.architectures import attention_types, block_output, decoder_layers, rotary
+from probes.capture import check_layer, position_ids
 
 
 def has_risk(bank: ProbeBank) -> bool:
@@ -57,29 +55,17 @@ class Head(nn.Module):
         return scores, self.y0 + (ramps * self.slope).sum(-1)
 
 
-def _base(model, blocks) -> nn.Module:
-    """The module that owns the decoder blocks (it also owns the rotary embedding)."""
-    return next(m for m in model.modules() if getattr(m, "layers", None) is blocks)
-
-
 class Prefix(nn.Module):
     """input_ids, attention_mask [B, T] -> residual stream after block ``layer`` [B, T, D]."""
 
     def __init__(self, model, layer: int):
         super().__init__()
-        cfg = text_config(model)
         layer = check_layer(model, layer)
-        blocks = decoder_layers(model)
         self.embed = model.get_input_embeddings()  # Gemma3's scales itself
-        self.blocks = nn.ModuleList(list(blocks)[:layer + 1])
-        self.rotary = _base(model, blocks).rotary_emb
-        self.typed_rotary = "layer_type" in inspect.signature(self.rotary.forward).parameters
-        types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-        self.types = list(types)[:layer + 1]
-        unknown = set(self.types) - {"full_attention", "sliding_attention"}
-        if unknown:
-            raise ValueError(f"cannot export layer types {sorted(unknown)} of {cfg.model_type}")
-        self.window = getattr(cfg, "sliding_window", None)
+        self.blocks = nn.ModuleList(list(decoder_layers(model))[:layer + 1])
+        self.rotary, self.typed_rotary = rotary(model)
+        types, self.window = attention_types(model)
+        self.types = types[:layer + 1]
 
     def _mask(self, attention_mask, kind, dtype):
         """Additive mask [B, 1, T, T]: causal, real keys only, within the window for

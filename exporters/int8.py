@@ -51,29 +51,17 @@ def fidelity(ref: list[np.ndarray], got: list[np.ndarray], k: int = 3) -> dict:
             "max_abs_diff": float(np.abs(a - b).max())}
 
 
-def _groups(block):
-    """(norm before the inputs, Linear layers reading them) of one decoder block, or
-    None for a layout this does not know (the block is then left as it is)."""
-    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
-    pre_mlp = getattr(block, "pre_feedforward_layernorm", None) or getattr(block, "post_attention_layernorm", None)
-    names = [(attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj", "down_proj"))]
-    if getattr(block, "input_layernorm", None) is None or pre_mlp is None \
-            or any(m is None or any(getattr(m, n, None) is None for n in ns) for m, ns in names):
-        return None
-    return [(block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-            (pre_mlp, [mlp.gate_proj, mlp.up_proj])]
-
-
 def smoothed(model, tokenizer, layer: int, texts, alpha: float = SMOOTH_ALPHA):
     """A copy of ``model`` with SmoothQuant scales folded into blocks 0..layer (same fp32
     function), or None when the blocks' layout is not the Llama/Qwen2/Gemma3 one."""
     import torch
 
-    from probes.capture import decoder_layers, hidden_states, pad_batch
+    from probes.architectures import decoder_layers, divide_norm_weight, mlp_up_down, smoothing_groups
+    from probes.capture import hidden_states, pad_batch
 
     model = copy.deepcopy(model)
     blocks = list(decoder_layers(model))[:layer + 1]
-    groups = [_groups(b) for b in blocks]
+    groups = [smoothing_groups(b) for b in blocks]
     if any(g is None for g in groups):
         return None
     amax: dict[int, torch.Tensor] = {}
@@ -82,7 +70,7 @@ def smoothed(model, tokenizer, layer: int, texts, alpha: float = SMOOTH_ALPHA):
         x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0).float()
         amax[id(module)] = torch.maximum(amax[id(module)], x) if id(module) in amax else x
 
-    readers = [lin for g in groups for _, lins in g for lin in lins[:1]] + [b.mlp.down_proj for b in blocks]
+    readers = [lin for g in groups for _, lins in g for lin in lins[:1]] + [mlp_up_down(b)[1] for b in blocks]
     handles = [lin.register_forward_pre_hook(record) for lin in readers]
     try:
         ids, mask = pad_batch([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id or 0)
@@ -90,8 +78,6 @@ def smoothed(model, tokenizer, layer: int, texts, alpha: float = SMOOTH_ALPHA):
     finally:
         for h in handles:
             h.remove()
-    gemma_norm = "gemma" in getattr(model.config, "model_type", "")  # y = x_hat * (1 + w)
-
     def scale(x_max, weights):
         w_max = torch.stack([w.abs().amax(0) for w in weights]).amax(0).float()
         return (x_max.clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
@@ -100,13 +86,10 @@ def smoothed(model, tokenizer, layer: int, texts, alpha: float = SMOOTH_ALPHA):
         for block, g in zip(blocks, groups):
             for norm, lins in g:
                 s = scale(amax[id(lins[0])], [lin.weight for lin in lins])
-                if gemma_norm:
-                    norm.weight.copy_((1 + norm.weight) / s - 1)
-                else:
-                    norm.weight.div_(s)
+                divide_norm_weight(model, norm, s)
                 for lin in lins:
                     lin.weight.mul_(s)
-            up, down = block.mlp.up_proj, block.mlp.down_proj
+            up, down = mlp_up_down(block)
             s = scale(amax[id(down)], [down.weight])
             up.weight.div_(s[:, None])
             if up.bias is not None:

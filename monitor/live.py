@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from probes.bank import ProbeBank
-from probes.capture import block_output, check_layer, decoder_layers, measure_residual_norms, replace_block_output
-from probes.models import check_fingerprint, fingerprint, text_config
+from probes.architectures import block_output, decoder_layers, replace_block_output, text_config
+from probes.capture import check_layer, measure_residual_norms
+from probes.models import check_fingerprint, fingerprint
 
 from .rules import Alert, AllOf, AnyOf, Rule, Threshold, _index, all_of, any_of, find_alerts, parse_rule
 

@@ -13,42 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .architectures import block_output, decoder_layers, text_config
 from .tokens import read_windowed
 
 POOLS = ("mean", "last", "max")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of any supported causal LM (Llama, Qwen2, Gemma3, ...)."""
-    from .models import text_config
-
-    n = text_config(model).num_hidden_layers
-    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers",
-                 "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        obj = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and len(obj) == n:
-            return obj
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
-
-
-def block_output(output) -> torch.Tensor:
-    """transformers 5 blocks return a tensor, older ones a tuple whose first item it is."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def replace_block_output(output, hidden: torch.Tensor):
-    if isinstance(output, tuple):
-        return (hidden,) + tuple(output[1:])
-    if isinstance(output, list):
-        return [hidden] + list(output[1:])
-    return hidden
 
 
 def check_layer(model, layer: int) -> int:
@@ -141,8 +109,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean", start: int
 
 
 def max_context(model, tokenizer, cap: int = 2048) -> int:
-    from .models import text_config
-
     n = getattr(text_config(model), "max_position_embeddings", None) or cap
     return int(min(n, cap))
 

@@ -223,13 +223,10 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def text_config(model):
-    config = model.config
-    return getattr(config, "text_config", None) or config
-
-
 def fingerprint(model, tokenizer) -> dict:
     """What every artifact records about the model it came from."""
+    from .architectures import text_config
+
     cfg = text_config(model)
     return {
         "name": getattr(model, "emoprobe_name", None) or getattr(model.config, "_name_or_path", "") or "unnamed",

@@ -5,7 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from probes.capture import decoder_layers, hidden_states, pad_batch, pool, pooled_states, token_states
+from probes.architectures import decoder_layers
+from probes.capture import hidden_states, pad_batch, pool, pooled_states, token_states
 from probes.tokens import chat_read_positions, windows
 
 TEXTS = ["i took 4 mg of tylenol for my back pain .", "the dog is home", "help",

@@ -21,7 +21,8 @@ from conftest import make_model, random_bank, save_tiny_run
 from monitor import EmotionMonitor
 from monitor.live import _compile
 from monitor.rules import AllOf, AnyOf, Threshold, find_alerts, parse_rule
-from probes.capture import decoder_layers, hidden_states
+from probes.architectures import decoder_layers
+from probes.capture import hidden_states
 from probes.models import ModelError
 
 LABELS = ["afraid", "calm", "desperate", "happy", "angry"]
