@@ -3,7 +3,7 @@ naive way, in the same run on the same conversations:
 
 - naive: one conversation at a time, torch, full forward with ``output_hidden_states``
   (every layer and the LM head), the read layer's states through the bank's head;
-- scan/torch: ``monitor.scan.scan`` end to end (render, tokenize, batched forward that
+- scan/torch: ``monitor.logscan.scan.scan`` end to end (render, tokenize, batched forward that
   stops at the read layer, per-message scores, flags, JSONL written);
 - scan/onnx: the same with the ONNX reader, when the run has an export;
 - scan/torch xN workers (with ``--workers N``; includes starting the workers).
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monitor.logs import Conversation, read_logs
-from monitor.scan import encode, make_rules, scan
+from monitor.logscan.readers import Conversation, read_logs
+from monitor.logscan.scan import encode, make_rules, scan
 from probes.bank import ProbeBank
 from probes.models import fingerprint, load_model
 from probes.reader import TorchReader

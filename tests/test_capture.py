@@ -117,8 +117,8 @@ def test_one_renderer_for_every_reader(tokenizer):
     """Calibration, scan and chat reads see the same tokens for the same chat, with the
     template and with the plain fallback of a tokenizer that has none (gemma3-270m base)."""
     from calibration.neutral import chat_tokens
-    from monitor.logs import Conversation
-    from monitor.scan import encode
+    from monitor.logscan.readers import Conversation
+    from monitor.logscan.scan import encode
     from probes.tokens import chat_prompt, render_chat
 
     chat = [{"role": "user", "content": "the tests fail again ."}, {"role": "assistant", "content": "let me look ."}]

@@ -50,7 +50,7 @@ def test_integrations_are_optional_extras():
     core = " ".join(project["dependencies"])
     assert "inspect" not in core and "lm-eval" not in core and "lm_eval" not in core
     extras = project["optional-dependencies"]
-    assert extras["inspect"] == ["inspect-ai>=0.3.285"] and extras["lm-eval"] == ["lm-eval>=0.4.13"]
+    assert extras["inspect"] == ["inspect-ai>=0.3.285", "anyio>=4"] and extras["lm-eval"] == ["lm-eval>=0.4.13"]
     assert set(extras["inspect"] + extras["lm-eval"]) <= set(extras["dev"])
     eps = project["entry-points"]
     assert eps["inspect_ai"] == {"emoprobe": "monitor.integrations.inspect_ai"}
@@ -91,8 +91,8 @@ def test_summary_weights_each_assistant_message_by_its_tokens():
 def test_score_is_the_scanners_lines_and_any_transcript_form_reads_the_same(tiny_run):
     from inspect_ai.model import ChatMessageAssistant, ChatMessageSystem, ChatMessageUser
 
-    from monitor.logs import Conversation
-    from monitor.scan import make_rules, scan_batch
+    from monitor.logscan.readers import Conversation
+    from monitor.logscan.scan import make_rules, scan_batch
 
     s = session(tiny_run / "run", str(tiny_run / "model"))
     r = s.score(CHAT)

@@ -20,11 +20,11 @@ from hypothesis import given, strategies as st
 
 from conftest import make_model, random_bank, save_tiny_run
 from monitor.cli import main as cli
-from monitor.logs import Conversation, Skipped, detect, read_file, read_logs
+from monitor.logscan.readers import Conversation, Skipped, detect, read_file, read_logs
 from monitor.rules import parse_rule
 from monitor.samples import make_samples
 from probes.tokens import message_tokens
-from monitor.scan import (calibrated_thresholds, conversations, encode, finished, make_rules,
+from monitor.logscan.scan import (calibrated_thresholds, conversations, encode, finished, make_rules,
                           margin, scan, scan_batch, spans)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -414,7 +414,7 @@ class Elements(HTMLParser):
 
 @pytest.fixture(scope="module")
 def report(reader, tmp_path_factory):
-    from monitor.report import write_report
+    from monitor.logscan.report import write_report
 
     d = tmp_path_factory.mktemp("report")
     cs = sample_conversations()

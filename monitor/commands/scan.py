@@ -10,8 +10,8 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from monitor.logs import FORMATS
-    from monitor.scan import DEFAULT_WATCH, SMOOTH
+    from monitor.logscan.readers import FORMATS
+    from monitor.logscan.scan import DEFAULT_WATCH, SMOOTH
 
     p = sub.add_parser("scan", help="scan agent logs for risky emotional states")
     p.add_argument("logs", nargs="+", help="log files or directories (JSONL, JSON, .eval, text)")
@@ -43,7 +43,7 @@ def run(args) -> int:
     import os
 
     from monitor.runs import open_reader
-    from monitor.scan import format_summary, make_rules, scan, summary_path
+    from monitor.logscan.scan import format_summary, make_rules, scan, summary_path
     from probes.bank import ProbeBank
 
     if args.workers < 1:
@@ -62,7 +62,7 @@ def run(args) -> int:
     print(format_summary(summary))
     print(f"\nwrote {args.out} and {summary_path(Path(args.out))}")
     if args.html:
-        from monitor.report import write_report
+        from monitor.logscan.report import write_report
 
         print(f"wrote {write_report(args.out, args.html, summary, args.top)}")
     return 1 if summary["skipped"] else 0

@@ -2,7 +2,7 @@
 
 The three integrations share what is here: one model and probe bank per run directory,
 loaded once per process (an eval scores many samples; loading per sample would dominate),
-and the scanner's per-message scoring (``monitor.scan``) summed up over a transcript's
+and the scanner's per-message scoring (``monitor.logscan.scan``) summed up over a transcript's
 assistant turns. Nothing here imports torch, Inspect or lm-eval until it is used, so the
 pytest plugin costs nothing in test runs that do not use it.
 """
@@ -64,8 +64,8 @@ def summarize(lines: Sequence[dict], roles: Iterable[str] = ("assistant",)) -> R
 def as_messages(transcript) -> list[dict]:
     """``{"role", "content"}`` messages from a transcript: a string (one assistant
     turn), OpenAI-style message dicts, Inspect ``ChatMessage`` objects, or a
-    ``monitor.logs.Conversation``."""
-    from monitor.logs import Conversation, inspect_messages, openai_messages
+    ``monitor.logscan.readers.Conversation``."""
+    from monitor.logscan.readers import Conversation, inspect_messages, openai_messages
 
     if isinstance(transcript, Conversation):
         messages = transcript.messages
@@ -86,7 +86,7 @@ class Session:
     """A loaded model + bank (a ``TorchReader``) and the scanner's watch rules."""
 
     def __init__(self, reader, watch: Sequence[str] | None = None, alerts: Sequence[str] = ()):
-        from monitor.scan import make_rules
+        from monitor.logscan.scan import make_rules
 
         self.reader = reader
         try:
@@ -100,8 +100,8 @@ class Session:
 
     def lines(self, transcript) -> list[dict]:
         """The scanner's per-message lines (mean z, peak, flags) of one transcript."""
-        from monitor.logs import Conversation
-        from monitor.scan import scan_batch
+        from monitor.logscan.readers import Conversation
+        from monitor.logscan.scan import scan_batch
 
         conv = Conversation("transcript", as_messages(transcript), "transcript")
         with MODEL_LOCK:

@@ -85,7 +85,7 @@ def emotion_monitor(run: str = DEFAULT_RUN, model: str | None = None, emotions: 
         """The rule texts this scorer flags with; reads only the bank (no model)."""
         with lock:
             if "rules" not in state_:
-                from monitor.scan import make_rules
+                from monitor.logscan.scan import make_rules
                 from probes.bank import ProbeBank
 
                 try:
@@ -131,7 +131,7 @@ def emotion_monitor(run: str = DEFAULT_RUN, model: str | None = None, emotions: 
 
 
 def _default_watch() -> list[str]:
-    from monitor.scan import DEFAULT_WATCH
+    from monitor.logscan.scan import DEFAULT_WATCH
 
     return list(DEFAULT_WATCH)
 
@@ -210,11 +210,11 @@ class EmoprobeModel(ModelAPI):
                            usage=usage, metadata={KEY: line})
 
     def _line(self, ids: list[int], scores: np.ndarray) -> dict:
-        """The reply's live readings as a scan line (``monitor.scan``'s format), so live and
+        """The reply's live readings as a scan line (``monitor.logscan.scan``'s format), so live and
         replayed samples are summed up the same way. ``scores[t]`` is the reading as the
         model writes token t."""
-        from monitor.logs import Conversation
-        from monitor.scan import Encoded, conversation_lines
+        from monitor.logscan.readers import Conversation
+        from monitor.logscan.scan import Encoded, conversation_lines
 
         tok, n = self.tokenizer, len(scores)
         ids = ids[:n]

@@ -88,8 +88,8 @@ class EmoprobeLM(HFLM):
     def _encode(self, context: str, continuation: str):
         """The request's text as two messages, tokenized with character offsets (no
         special tokens: the readout is of the text itself)."""
-        from monitor.logs import Conversation
-        from monitor.scan import Encoded
+        from monitor.logscan.readers import Conversation
+        from monitor.logscan.scan import Encoded
 
         tok = self.session.reader.tokenizer
         ids, offsets, members, text = [], [], [], ""
@@ -104,7 +104,7 @@ class EmoprobeLM(HFLM):
         return Encoded(conv, text, ids, np.asarray(offsets, np.int64).reshape(-1, 2), members)
 
     def _line(self, request, enc, scores: np.ndarray, result) -> dict:
-        from monitor.scan import conversation_lines
+        from monitor.logscan.scan import conversation_lines
 
         labels = self.session.labels
         ctx, cont = conversation_lines(enc, scores, labels, self.session.rules, detail=False)

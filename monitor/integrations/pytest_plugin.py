@@ -58,7 +58,7 @@ class TranscriptMonitor:
         """Fail if the assistant turns are not calm: a watched emotion's mean z above
         ``limit`` (calm's below ``-limit``), or any flag from the default watch rules."""
         __tracebackhide__ = True
-        from monitor.scan import leaves
+        from monitor.logscan.scan import leaves
 
         s = self.session()
         r = s.score(transcript)

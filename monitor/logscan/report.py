@@ -114,7 +114,7 @@ def heatmap_html(ln: dict, parts: dict) -> str:
 
 
 def _parts(keys) -> dict:
-    from .rules import parse_rule
+    from monitor.rules import parse_rule
 
     return {k: parse_rule(k) for k in keys}
 

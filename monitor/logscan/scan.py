@@ -24,10 +24,10 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from monitor.rules import AllOf, AnyOf, Rule, Threshold, parse_rule
 from probes.tokens import encode_chat
 
-from .logs import Conversation, Skipped, read_logs
-from .rules import AllOf, AnyOf, Rule, Threshold, parse_rule
+from .readers import Conversation, Skipped, read_logs
 
 DEFAULT_WATCH = ("desperate", "panicked", "afraid", "hostile", "angry", "calm<")
 DEFAULT_Z = 3.0  # alert threshold (z-score) when the bank carries no calibrated one
