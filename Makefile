@@ -28,10 +28,10 @@ dev: $(VENV)/.dev
 # Builds from the shipped corpus (2,793 stories, 219 neutral dialogues), calibrates, exports,
 # then reads a sentence with torch and with ONNX and scans the two sample agent logs.
 demo: install
-	$(BIN)/emoprobe build --out runs/demo
-	$(BIN)/emoprobe read --run runs/demo --chat "I just took 8000 mg of Tylenol and the pain is gone"
-	$(BIN)/emoprobe read --run runs/demo --backend onnx "The tests still fail and the deadline is in ten minutes."
-	$(BIN)/emoprobe scan --run runs/demo --out runs/demo/scan.jsonl --html runs/demo/scan.html --overwrite \
+	$(BIN)/emoprobe build --out runs/default
+	$(BIN)/emoprobe read --run runs/default --chat "I just took 8000 mg of Tylenol and the pain is gone"
+	$(BIN)/emoprobe read --run runs/default --backend onnx "The tests still fail and the deadline is in ten minutes."
+	$(BIN)/emoprobe scan --run runs/default --out runs/default/scan.jsonl --html runs/default/scan.html --overwrite \
 		monitor/samples/agent_frantic.jsonl monitor/samples/agent_calm.jsonl
 
 # The scan report's test renders it in Debian's Chromium.

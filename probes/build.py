@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
-from sklearn.cluster import KMeans
 from sklearn.model_selection import GroupKFold
 
 from . import corpus as corpus_mod
+from . import evaluate
 from .bank import ProbeBank
-from .capture import default_read_layer, measure_residual_norms, pooled_states
+from .capture import default_read_layer, measure_residual_norms, pooled_states, token_states
 from .models import cache_dir, fingerprint
 from .vectors import EmotionProbe, emotion_vectors, neutral_components, standardizer, topk_accuracy
 
@@ -31,17 +31,18 @@ def log(msg: str) -> None:
     print(f"[emoprobe] {msg}", file=sys.stderr, flush=True)
 
 
-def select(rows: list[dict], stories_per_emotion: int | None) -> list[dict]:
-    """All neutral rows and the first ``stories_per_emotion`` stories of each emotion."""
-    if stories_per_emotion is None:
+def select(rows: list[dict], per_emotion: int | None) -> list[dict]:
+    """All neutral rows and the first ``per_emotion`` stories and messages of each emotion."""
+    if per_emotion is None:
         return rows
-    seen: dict[str, int] = {}
+    seen: dict[tuple[str, str], int] = {}
     out = []
     for r in rows:
-        if r["kind"] == "story":
-            if seen.get(r["emotion"], 0) >= stories_per_emotion:
+        if r["kind"] != "neutral":
+            key = (r["kind"], r["emotion"])
+            if seen.get(key, 0) >= per_emotion:
                 continue
-            seen[r["emotion"]] = seen.get(r["emotion"], 0) + 1
+            seen[key] = seen.get(key, 0) + 1
         out.append(r)
     return out
 
@@ -54,7 +55,9 @@ def read_activations(model, tokenizer, texts: list[str], *, start: int, batch_si
     from safetensors.numpy import load_file, save_file
 
     fp = fingerprint(model, tokenizer)
-    settings = hashlib.sha256(json.dumps([fp, start, max_tokens]).encode()).hexdigest()[:16]
+    dtype = str(next(model.parameters()).dtype)  # a bfloat16 read is cached apart from a float32 one
+    settings = hashlib.sha256(json.dumps([fp, start, max_tokens] + ([dtype] if dtype != "torch.float32" else []))
+                              .encode()).hexdigest()[:16]
     path = cache_dir() / "activations" / f"{fp['name'].replace('/', '_')}-{settings}.safetensors"
     store = load_file(str(path)) if path.exists() else {}
     keys = [hashlib.sha256(t.encode()).hexdigest()[:24] for t in texts]
@@ -73,39 +76,12 @@ def read_activations(model, tokenizer, texts: list[str], *, start: int, batch_si
     return np.stack([store[k] for k in keys])
 
 
-def heldout_vectors(X: np.ndarray, y: np.ndarray, groups: np.ndarray, N: np.ndarray, n_classes: int,
-                    folds: int = 5) -> np.ndarray:
-    """Out-of-fold vector scores [n, n_classes], training on other topics only."""
-    scores = np.zeros((len(y), n_classes))
-    for train, test in GroupKFold(folds).split(X, y, groups):
-        mu, sd = standardizer(np.vstack([X[train], N]))
-        Z = (X[train] - mu) / sd
-        V = emotion_vectors(Z, y[train], n_classes, neutral_components((N - mu) / sd))
-        centre = np.mean([Z[y[train] == c].mean(0) for c in np.unique(y[train])], 0)
-        scores[test] = ((X[test] - mu) / sd - centre) @ V.T
-    return scores
-
-
-def heldout_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, folds: int = 5,
-                  C: float = 0.1) -> np.ndarray:
-    scores = np.full((len(y), n_classes), -np.inf)
-    for train, test in GroupKFold(folds).split(X, y, groups):
-        probe = EmotionProbe(C=C).fit(X[train], y[train])
-        scores[np.ix_(test, probe.classes_)] = probe.decision_function(X[test])
-    return scores
-
-
-def cluster_scores(scores: np.ndarray, clusters: np.ndarray, k: int) -> np.ndarray:
-    """Score of each cluster = best score among its emotions."""
-    return np.stack([scores[:, clusters == c].max(1) for c in range(k)], 1)
-
-
 def choose_layer(sweep: list[dict], n_stories: int) -> int:
     """The paper's layer (2/3 of depth) unless the sweep clearly beats it.
 
-    Held-out top-1 over 171 classes is a few hits in a thousand, so a plain argmax picks
-    noise: another layer wins only if its 3-layer-smoothed top-1 beats the paper layer's
-    by two binomial standard errors."""
+    Held-out top-1 over 171 classes is noisy, so a plain argmax can pick noise: another
+    layer wins only if its 3-layer-smoothed top-1 beats the paper layer's by two
+    binomial standard errors."""
     top1 = np.array([s["top1"] for s in sweep])
     smooth = np.convolve(top1, np.ones(3) / 3, mode="same")
     smooth[[0, -1]] = top1[[0, -1]]
@@ -123,10 +99,65 @@ def fit_layer(X: np.ndarray, y: np.ndarray, N: np.ndarray, n_classes: int):
     return mu, sd, V, raw
 
 
+def heldout_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, folds: int = 5,
+                  C: float = 0.1) -> np.ndarray:
+    scores = np.full((len(y), n_classes), -1e4)
+    for train, test in GroupKFold(folds).split(X, y, groups):
+        probe = EmotionProbe(C=C).fit(X[train], y[train])
+        scores[np.ix_(test, probe.classes_)] = probe.decision_function(X[test])
+    return scores
+
+
+def token_pool(hs: list, start: int) -> np.ndarray:
+    """Mean of each text's per-token states from ``start`` on, scaled down for short
+    texts as ``capture.pool`` does (never past half the text); token 0 is always left out
+    when the text has more than one token (the attention sink)."""
+    out = []
+    for h in hs:
+        h = np.asarray(h, np.float64)
+        s = min(start, len(h) // 2)
+        out.append(h[max(s, 1 if len(h) > 1 else 0):].mean(0))
+    return np.stack(out)
+
+
+def read_turns(model, tokenizer, texts: list[str], layers: list[int], batch_size: int) -> np.ndarray:
+    """States [n, len(layers), d] at the token that opens the assistant's reply, for
+    one-turn chats (the paper's implicit-emotion test)."""
+    from .tokens import chat_read_positions
+
+    parsed = [chat_read_positions(tokenizer, t) for t in texts]
+    seqs = [p[0] for p in parsed]
+    per_layer = [token_states(model, seqs, k, pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size)
+                 for k in layers]
+    return np.stack([[hs[i][p[1]].numpy() for hs in per_layer] for i, p in enumerate(parsed)]).astype(np.float64)
+
+
+def read_messages(model, tokenizer, texts: list[str], layers: list[int], batch_size: int) -> list[list[np.ndarray]]:
+    """Per-token states of short texts at each layer: [layer][text] -> [tokens, d]."""
+    seqs = [tokenizer(t)["input_ids"] for t in texts]
+    return [[h.numpy() for h in token_states(model, seqs, k, pad_id=tokenizer.pad_token_id or 0,
+                                             batch_size=batch_size)] for k in layers]
+
+
+def fit_readout(reader: str, X: np.ndarray, y: np.ndarray, N: np.ndarray, n: int, probe_C: float):
+    """One affine map (W, b) of raw activations for the named reader."""
+    if reader == "probe":
+        probe = EmotionProbe(C=probe_C).fit(X, y)
+        W, b = np.zeros((n, X.shape[1])), np.full(n, -1e4)
+        W[probe.classes_], b[probe.classes_] = probe.coef_, probe.intercept_
+        return W, b
+    return evaluate.READERS[reader](X, y, N, n)
+
+
 def build(out: str | Path, model_name: str = "smollm2-135m-instruct", corpus_path: str | Path | None = None,
           subset: str | int = "full", start: int = 8, layer: int | None = None, batch_size: int = 16,
-          folds: int = 5, probe_C: float = 0.1, model=None, tokenizer=None, labels: list[str] | None = None) -> ProbeBank:
-    """The whole bank build. Returns the saved bank; writes bank/ and report/ under ``out``."""
+          folds: int = 5, probe_C: float = 0.1, model=None, tokenizer=None, labels: list[str] | None = None,
+          readers: tuple[str, ...] = ("vectors", "lda", "probe"), message_starts: tuple[int, ...] = (1, 2, 4, 8),
+          eval_sets: bool = True) -> ProbeBank:
+    """The whole bank build. Returns the saved bank; writes bank/ and report/ under ``out``.
+
+    Everything chosen (layer, reader, the pooling start of short texts) is chosen on the
+    corpus, by held-out topics; the held-out evaluation sets are only scored, once."""
     t0 = time.perf_counter()
     out = Path(out)
     if model is None:
@@ -136,76 +167,118 @@ def build(out: str | Path, model_name: str = "smollm2-135m-instruct", corpus_pat
         model, tokenizer = load_model(model_name)
     fp = fingerprint(model, tokenizer)
     corpus_path = Path(corpus_path) if corpus_path else corpus_mod.shipped_corpus()
-    per_emotion = None if subset == "full" else int(subset)  # stories per emotion: the corpus' first rounds
+    per_emotion = None if subset == "full" else int(subset)  # stories per emotion: the corpus' first rows
     rows = select(corpus_mod.load_corpus(corpus_path), per_emotion)
     labels = labels or corpus_mod.emotions()
     stories = [r for r in rows if r["kind"] == "story" and r["emotion"] in labels]
+    messages = [r for r in rows if r["kind"] == "message" and r["emotion"] in labels]
     neutral = [r for r in rows if r["kind"] == "neutral"]
     if len(neutral) < 10:
         raise ValueError(f"{corpus_path}: need at least 10 neutral dialogues for denoising, found {len(neutral)}")
     missing = sorted(set(labels) - {r["emotion"] for r in stories})
     if missing:
         raise ValueError(f"{corpus_path}: no stories for {len(missing)} emotions, e.g. {missing[:5]}")
-    log(f"corpus {corpus_path.name}: {len(stories)} stories, {len(neutral)} neutral dialogues (subset={subset})")
+    log(f"corpus {corpus_path.name}: {len(stories)} stories, {len(messages)} messages, "
+        f"{len(neutral)} neutral dialogues (subset={subset})")
 
     acts = read_activations(model, tokenizer, [r["text"] for r in stories + neutral], start=start,
                             batch_size=batch_size)
     t_read = time.perf_counter() - t0
     S, N = acts[:len(stories)].astype(np.float64), acts[len(stories):].astype(np.float64)
+    del acts
     y = np.array([labels.index(r["emotion"]) for r in stories])
     topic_ids = {t: i for i, t in enumerate(sorted({r["topic"] for r in stories}))}
     groups = np.array([topic_ids[r["topic"]] for r in stories])
     n, L = len(labels), fp["layers"]
+    folds = min(folds, len(topic_ids))
 
     log("layer sweep (held-out topics)")
     sweep = []
     for k in range(L):
-        sc = heldout_vectors(S[:, k], y, groups, N[:, k], n, folds)
+        sc = evaluate.heldout("vectors", S[:, k], y, groups, N[:, k], n, folds)
         sweep.append({"layer": k, "top1": topk_accuracy(sc, y, 1), "top5": topk_accuracy(sc, y, 5)})
     chosen = int(layer) if layer is not None else choose_layer(sweep, len(y))
 
-    log(f"fitting vectors at every layer and the probe at layer {chosen}")
+    log(f"comparing readers at layer {chosen}, and the baselines on the same folds")
+    X = S[:, chosen]
+    heldout = {r: (heldout_probe(X, y, groups, n, folds, probe_C) if r == "probe"
+                   else evaluate.heldout(r, X, y, groups, N[:, chosen], n, folds)) for r in readers}
+    reader_metrics = {r: evaluate.metrics(sc, y, labels) for r, sc in heldout.items()}
+    readout = max(readers, key=lambda r: (reader_metrics[r]["top1"], reader_metrics[r]["top5"]))
+    texts = [r["text"] for r in stories]
+    shuffled_y = np.random.default_rng(0).permutation(y)
+    baselines = {
+        "tfidf_words": evaluate.metrics(evaluate.heldout_tfidf(texts, y, groups, n, folds), y, labels),
+        "layer0": evaluate.metrics(heldout_probe(S[:, 0], y, groups, n, folds, probe_C) if readout == "probe"
+                                   else evaluate.heldout(readout, S[:, 0], y, groups, N[:, 0], n, folds), y, labels),
+        "shuffled_labels": evaluate.metrics(
+            heldout_probe(X, shuffled_y, groups, n, folds, probe_C) if readout == "probe"
+            else evaluate.heldout(readout, X, shuffled_y, groups, N[:, chosen], n, folds), y, labels),
+    }
+
+    log("fitting vectors at every layer and the readout on all stories")
     layer_vectors = np.zeros((L, n, fp["hidden_size"]), np.float32)
     for k in range(L):
         mu_k, sd_k, V_k, raw_k = fit_layer(S[:, k], y, N[:, k], n)
         layer_vectors[k] = raw_k
         if k == chosen:
             mu, sd, V = mu_k, sd_k, V_k
-    X = S[:, chosen]
-    vec_scores = heldout_vectors(X, y, groups, N[:, chosen], n, folds)
-    probe_scores = heldout_probe(X, y, groups, n, folds, probe_C)
-    probe = EmotionProbe(C=probe_C).fit(X, y)
-    coef = np.zeros((n, X.shape[1]))
-    icpt = np.full(n, -1e4)
-    coef[probe.classes_], icpt[probe.classes_] = probe.coef_, probe.intercept_
-
-    metrics = {m: {"heldout_top1": topk_accuracy(s, y, 1), "heldout_top5": topk_accuracy(s, y, 5)}
-               for m, s in (("vectors", vec_scores), ("probe", probe_scores))}
-    readout = "probe" if metrics["probe"]["heldout_top1"] > metrics["vectors"]["heldout_top1"] else "vectors"
-
+    W, b = fit_readout(readout, X, y, N[:, chosen], n, probe_C) if readout != "vectors" else (np.zeros((n, X.shape[1])), np.zeros(n))
     tensors = {"vectors": layer_vectors[chosen], "directions": V, "dim_mean": mu, "dim_scale": sd,
-               "probe_coef": coef, "probe_intercept": icpt, "score_mean": np.zeros(n), "score_std": np.ones(n),
+               "probe_coef": W, "probe_intercept": b, "score_mean": np.zeros(n), "score_std": np.ones(n),
                "layer_vectors": layer_vectors,
                "residual_norm": measure_residual_norms(model, tokenizer)}  # steering's unit, per layer
     bank = ProbeBank(labels, chosen, fp, {k: np.asarray(v, np.float32) for k, v in tensors.items()}, readout)
     # Until calibration replaces it: z-scores against the corpus' neutral dialogues.
-    W, b = bank.raw_head()
-    neutral_scores = N[:, chosen] @ W.T + b
+    W_bank, b_bank = bank.raw_head()
+    neutral_scores = N[:, chosen] @ W_bank.T + b_bank
     bank.tensors["score_mean"] = neutral_scores.mean(0).astype(np.float32)
     bank.tensors["score_std"] = (neutral_scores.std(0) + 1e-6).astype(np.float32)
+    W0, b0 = fit_readout(readout, S[:, 0], y, N[:, 0], n, probe_C)
+    words = evaluate.tfidf_model(texts, y, n)
+
+    def transfer(X_chosen, X_0, new_texts, y_new) -> dict:
+        """Scores of texts outside the stories by the readout fitted on all stories."""
+        return {"model": evaluate.metrics(X_chosen @ W_bank.T + b_bank, y_new, labels),
+                "tfidf_words": evaluate.metrics(words(new_texts), y_new, labels),
+                "layer0": evaluate.metrics(X_0 @ W0.T + b0, y_new, labels)}
+
+    short = {"chosen_start": None, "by_start": {}}
+    if messages:
+        log(f"pooling start for short texts, on the corpus' {len(messages)} messages")
+        ym = np.array([labels.index(r["emotion"]) for r in messages])
+        hs = read_messages(model, tokenizer, [r["text"] for r in messages], [chosen], batch_size)[0]
+        short["by_start"] = {s: evaluate.metrics(token_pool(hs, s) @ W_bank.T + b_bank, ym, labels)
+                             for s in message_starts}
+        short["chosen_start"] = max(message_starts, key=lambda s: (short["by_start"][s]["top1"], -s))
+    evaluation = {}
+    if eval_sets:
+        log("scoring the held-out evaluation sets (once; nothing is chosen on them)")
+        from .handwritten import eval_rows
+
+        ev = [r for r in eval_rows() if r["emotion"] in labels]
+        implicit = [r for r in ev if r["kind"] == "implicit"]
+        held = [r for r in ev if r["kind"] == "message"]
+        if implicit:
+            T = read_turns(model, tokenizer, [r["text"] for r in implicit], [chosen, 0], batch_size)
+            evaluation["implicit_reply_token"] = transfer(
+                T[:, 0], T[:, 1], [r["text"] for r in implicit], np.array([labels.index(r["emotion"]) for r in implicit]))
+        if held:
+            hs = read_messages(model, tokenizer, [r["text"] for r in held], [chosen, 0], batch_size)
+            s = short["chosen_start"] or start
+            evaluation["heldout_messages"] = transfer(
+                token_pool(hs[0], s), token_pool(hs[1], s), [r["text"] for r in held],
+                np.array([labels.index(r["emotion"]) for r in held]))
+            evaluation["heldout_messages"]["start"] = s
 
     from sklearn.decomposition import PCA
 
     pca = PCA(2).fit(V)  # the paper's affect axes: PC1 ~ valence, PC2 ~ arousal
     pcs = pca.transform(V)
     affect = json.loads(corpus_mod.DATA.joinpath("affect.json").read_text())["ratings"]
-    valence = np.array([affect.get(e, {}).get("valence", 0) for e in labels])
-    arousal = np.array([affect.get(e, {}).get("arousal", 0) for e in labels])
-    n_clusters = min(10, n)
-    clusters = KMeans(n_clusters, n_init=10, random_state=0).fit_predict(V)
-    chosen_scores = probe_scores if readout == "probe" else vec_scores
-    cs = cluster_scores(chosen_scores, clusters, n_clusters)
-    cy = clusters[y]
+    rated = [i for i, e in enumerate(labels) if e in affect]
+    valence = np.array([affect[labels[i]]["valence"] for i in rated])
+    arousal = np.array([affect[labels[i]]["arousal"] for i in rated])
     sims = V @ V.T
     np.fill_diagonal(sims, -np.inf)
     neighbours = {e: [labels[j] for j in np.argsort(-sims[i])[:5]] for i, e in enumerate(labels)}
@@ -219,30 +292,31 @@ def build(out: str | Path, model_name: str = "smollm2-135m-instruct", corpus_pat
                    "spearman": float(spearmanr(pos, dose[:, bank.index(e)]).statistic)}
                for e in ("afraid", "calm") if e in labels}
 
+    def r_abs(a, b):
+        return float(abs(pearsonr(a, b).statistic)) if len(a) > 2 and np.std(a) > 0 else None
+
     counts = np.bincount(y, minlength=n)
-    stats_file = corpus_path.with_name(corpus_path.name.replace(".jsonl.gz", ".stats.json"))
-    corpus_stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
     report = {
-        "model": fp, "layer": chosen, "layer_fraction": round(chosen / (L - 1), 3), "paper_layer": default_read_layer(L),
+        "model": fp, "layer": chosen, "layer_fraction": round(chosen / max(L - 1, 1), 3),
+        "paper_layer": default_read_layer(L),
         "layer_rule": "given" if layer is not None else "paper layer unless the sweep beats it by 2 standard errors",
-        "readout": readout, **metrics[readout],
-        "vectors": metrics["vectors"], "probe": metrics["probe"], "chance_top1": 1 / n,
-        "clusters": {"k": n_clusters, "heldout_top1": topk_accuracy(cs, cy, 1), "heldout_top5": topk_accuracy(cs, cy, 5),
-                     "members": {int(c): [labels[i] for i in np.where(clusters == c)[0]] for c in range(n_clusters)}},
+        "readout": readout, "readout_rule": "highest held-out-topic top-1 (then top-5) among the readers",
+        "heldout_top1": reader_metrics[readout]["top1"], "heldout_top5": reader_metrics[readout]["top5"],
+        "readers": reader_metrics, "baselines": baselines, "chance": evaluate.chance(labels),
+        "chance_top1": 1 / n, "short_texts": short, "evaluation": evaluation,
         "pca": {"explained_variance": pca.explained_variance_ratio_.round(4).tolist(),
-                "pc1_valence_r": float(abs(pearsonr(pcs[:, 0], valence).statistic)),
-                "pc2_arousal_r": float(abs(pearsonr(pcs[:, 1], arousal).statistic)),
-                "pc1_arousal_r": float(abs(pearsonr(pcs[:, 0], arousal).statistic)),
+                "pc1_valence_r": r_abs(pcs[rated, 0], valence), "pc2_arousal_r": r_abs(pcs[rated, 1], arousal),
+                "pc1_arousal_r": r_abs(pcs[rated, 0], arousal), "rated": len(rated),
                 "coords": {e: pcs[i].round(4).tolist() for i, e in enumerate(labels)},
-                "ratings": "probes/data/affect.json (our coarse ratings, not the paper's human ratings)"},
+                "ratings": "probes/data/affect.json (one rater who saw only the 171 words)"},
         "neighbours": neighbours, "tylenol": {"template": TYLENOL, "doses": TYLENOL_DOSES, **tylenol},
         "layer_sweep": sweep,
-        "corpus": {"path": str(corpus_path), "subset": subset, "stories": len(stories), "neutral": len(neutral),
+        "corpus": {"path": str(corpus_path), "subset": subset, "stories": len(stories), "messages": len(messages),
+                   "neutral": len(neutral),
                    "stories_per_emotion": {"min": int(counts.min()), "median": float(np.median(counts)),
                                            "max": int(counts.max())},
-                   "topics": len(topic_ids), "hash": corpus_mod.corpus_hash(stories + neutral),
-                   "leak_rate": corpus_stats.get("leak_rate"), "writer": corpus_stats.get("writer")},
-        "settings": {"start": start, "folds": folds, "probe_C": probe_C, "pool": "mean"},
+                   "topics": len(topic_ids), "hash": corpus_mod.corpus_hash(stories + neutral)},
+        "settings": {"start": start, "folds": folds, "probe_C": probe_C, "pool": "mean", "readers": list(readers)},
         "timing_s": {"read_activations": round(t_read, 1), "total": round(time.perf_counter() - t0, 1)},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -298,19 +372,31 @@ def write_report(directory: Path, report: dict) -> None:
 
 
 def summary_table(report: dict) -> str:
-    """The short table ``emoprobe build`` prints."""
-    v, p, c = report["vectors"], report["probe"], report["clusters"]
-    ty = report["tylenol"]
+    """The short table ``emoprobe build`` prints: the readout beside its baselines."""
+    def fmt(m: dict) -> str:
+        head = f"  12: {m['headline_top1']:.2f}" if "headline_top1" in m else ""
+        return (f"top-1 {m['top1']:.3f}  top-5 {m['top5']:.3f}  family {m['family_top1']:.2f}  "
+                f"rank {m['mean_rank']:.1f}{head}")
+
+    r, ch, ty = report["readers"][report["readout"]], report["chance"], report["tylenol"]
     rows = [
         ("model", f"{report['model']['name']} ({report['model']['layers']} layers, d={report['model']['hidden_size']})"),
         ("corpus", f"{report['corpus']['stories']} stories, {report['corpus']['neutral']} neutral, subset={report['corpus']['subset']}"),
         ("read layer", f"{report['layer']} ({report['layer_fraction']:.0%} of depth; paper's 2/3 = {report['paper_layer']})"),
-        ("vectors held-out top-1/top-5", f"{v['heldout_top1']:.3f} / {v['heldout_top5']:.3f}  (chance {report['chance_top1']:.3f})"),
-        ("probe held-out top-1/top-5", f"{p['heldout_top1']:.3f} / {p['heldout_top5']:.3f}"),
-        ("bank readout", report["readout"]),
-        ("10 clusters top-1/top-5", f"{c['heldout_top1']:.3f} / {c['heldout_top5']:.3f}"),
-        ("PC1/PC2 variance", " / ".join(f"{x:.1%}" for x in report["pca"]["explained_variance"])),
-        ("|r| PC1~valence, PC2~arousal", f"{report['pca']['pc1_valence_r']:.2f}, {report['pca']['pc2_arousal_r']:.2f}"),
+        (f"readout ({report['readout']}), held-out topics", fmt(r)),
+    ]
+    rows += [(f"  reader {k}", fmt(m)) for k, m in report["readers"].items() if k != report["readout"]]
+    rows += [(f"  baseline {k}", fmt(m)) for k, m in report["baselines"].items()]
+    rows.append(("  chance", f"top-1 {ch['top1']:.3f}  top-5 {ch['top5']:.3f}  family {ch['family_top1']:.2f}  "
+                             f"rank {ch['mean_rank']:.1f}  12: {ch['headline_top1']:.2f}"))
+    for name, ev in report["evaluation"].items():
+        rows.append((f"eval {name}", fmt(ev["model"])))
+        rows += [(f"  baseline {k}", fmt(m)) for k, m in ev.items() if k not in ("model", "start")]
+    pca = report["pca"]
+    rows += [
+        ("PC1/PC2 variance", " / ".join(f"{x:.1%}" for x in pca["explained_variance"])),
+        ("|r| PC1~valence, PC2~arousal",
+         ", ".join("n/a" if v is None else f"{v:.2f}" for v in (pca["pc1_valence_r"], pca["pc2_arousal_r"]))),
         ("Tylenol rho afraid / calm", " / ".join(f"{ty[e]['spearman']:+.2f}" if e in ty else "n/a" for e in ("afraid", "calm"))),
         ("build time, peak RSS", f"{report['timing_s']['total']:.0f} s, {report['peak_rss_mb']:.0f} MB"),
     ]

@@ -420,4 +420,6 @@ def test_readme_example_on_the_default_model(tmp_path):
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     n = out.shape[1] - inputs["input_ids"].shape[1]
     assert trace.scores.shape == (n, len(LABELS)) and np.isfinite(trace.scores).all()
-    assert isinstance(trace.alerts, list)
+    d = trace.scores[:, LABELS.index("desperate")]  # the rule fires exactly where 3 tokens in a row exceed 3
+    fired = [t for t in range(2, n) if (d[t - 2:t + 1] > 3).all()]
+    assert [a.token for a in trace.alerts if a.rule == str(rule)][:1] == fired[:1]

@@ -120,7 +120,8 @@ def test_build_on_tiny_model(tmp_path, tiny_llama, monkeypatch):
                  labels=labels, start=0, folds=3)
     report = json.loads((tmp_path / "run" / "report" / "validation.json").read_text())
     assert report["readers"]["vectors"]["top1"] > 1 / len(labels) + 0.2  # the cue words are learnable
-    assert 0 <= report["layer"] < 4 and bank.layer == report["layer"]
+    assert bank.layer == report["layer"] and report["layer"] in {s["layer"] for s in report["layer_sweep"]}
+    assert len(report["layer_sweep"]) == 4
     for png in ("layer_sweep.png", "pca.png", "tylenol.png"):
         assert (tmp_path / "run" / "report" / png).stat().st_size > 1000
     assert "read layer" in summary_table(report)
