@@ -34,14 +34,14 @@ class ProbeBank:
     layer: int
     model: dict
     tensors: dict[str, np.ndarray]
-    readout: str = "vectors"  # "vectors" (paper's projection) or "probe" (trained classifier)
+    readout: str = "vectors"  # "vectors" (paper's projection), "lda" or "probe" (trained maps)
     meta: dict = field(default_factory=dict)  # build settings, metrics, calibration summary
 
     # -- the readout ---------------------------------------------------------------
     def raw_head(self) -> tuple[np.ndarray, np.ndarray]:
         """Affine map of raw activations to uncalibrated scores."""
         t = self.tensors
-        if self.readout == "probe":
+        if self.readout in ("probe", "lda"):
             return t["probe_coef"], t["probe_intercept"]
         W = t["directions"] / t["dim_scale"]
         return W, -W @ t["dim_mean"]
