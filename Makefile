@@ -25,8 +25,8 @@ $(VENV)/.dev: $(BIN)/emoprobe
 
 dev: $(VENV)/.dev
 
-# Builds from the shipped corpus (2,793 stories, 219 neutral dialogues), calibrates, exports,
-# then reads a sentence with torch and with ONNX and scans the two sample agent logs.
+# Builds the bank from the whole of corpus v2 (reads in bfloat16: ~6 min on 2 cores), calibrates,
+# exports, then reads a sentence with torch and with ONNX and scans the two sample agent logs.
 demo: install
 	$(BIN)/emoprobe build --out runs/default
 	$(BIN)/emoprobe read --run runs/default --chat "I just took 8000 mg of Tylenol and the pain is gone"

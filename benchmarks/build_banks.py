@@ -3,6 +3,7 @@ peak RSS is its own), then one table: read layer, readers, baselines, evaluation
 geometry, build time, peak RSS.
 
     python benchmarks/build_banks.py [--only MODEL ...]   -> runs/<model>/ and benchmarks/results/banks.json
+    (the default model's row is read from runs/default, which `make demo` builds)
 
 Subsets (stories and messages per emotion; neutral dialogues and the evaluation sets
 always whole) keep the larger models within a 2-core budget; reads use bfloat16 weights
@@ -27,8 +28,13 @@ PLAN = {  # model -> stories (and messages) per emotion, or "full"
 }
 
 
+def run_dir(model: str) -> Path:
+    """The default model's bank is the one `make demo` builds (calibrated and exported)."""
+    return ROOT / "runs" / ("default" if model == "smollm2-135m-instruct" else model)
+
+
 def build(model: str, subset: str) -> dict:
-    out = ROOT / "runs" / model
+    out = run_dir(model)
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "monitor.cli", "build", "--out", str(out), "--model", model, "--subset", subset,
            "--dtype", "bfloat16", "--skip", "calibrate", "--skip", "export"]
@@ -46,7 +52,7 @@ def row(model: str, r: dict) -> dict:
             "baselines": {k: pick(m) for k, m in r["baselines"].items()}, "chance": pick(r["chance"]),
             "evaluation": {name: {k: pick(m) for k, m in ev.items() if isinstance(m, dict)}
                            for name, ev in r["evaluation"].items()},
-            "short_text_start": r["short_texts"]["chosen_start"],
+            "short_text_best_start": r["short_texts"]["best_start"],
             "pc1_valence_r": r["pca"]["pc1_valence_r"], "pc2_arousal_r": r["pca"]["pc2_arousal_r"],
             "tylenol_rho": {e: round(r["tylenol"][e]["spearman"], 3) for e in ("afraid", "calm")},
             "build_s": r.get("wall_s", r["timing_s"]["total"]), "read_s": r["timing_s"]["read_activations"],
@@ -60,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for model, subset in PLAN.items():
-        path = ROOT / "runs" / model / "report" / "validation.json"
+        path = run_dir(model) / "report" / "validation.json"
         if args.only is None or model in args.only:
             rows.append(row(model, build(model, subset)))
         elif path.exists():

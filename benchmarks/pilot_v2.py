@@ -18,6 +18,7 @@ from sklearn.model_selection import LeaveOneGroupOut
 
 from probes import corpus, handwritten, load_model
 from probes.build import read_activations
+from probes.capture import default_read_layer
 from probes.evaluate import heldout
 from probes.vectors import topk_accuracy
 
@@ -49,7 +50,7 @@ def main(out: Path = Path(__file__).parent / "results" / "pilot_v2.json") -> dic
         tfidf[test] = clf.decision_function(vec.transform(texts[test]))
     result = {"stories": len(rows), "topics": len(topics), "emotions": labels, "chance": 1 / len(labels),
               "vectors_top1_by_layer": [round(a, 4) for a in sweep], "best_layer": int(np.argmax(sweep)),
-              "best_top1": max(sweep), "paper_layer_top1": sweep[round(2 * (len(sweep) - 1) / 3)],
+              "best_top1": max(sweep), "paper_layer_top1": sweep[default_read_layer(len(sweep))],
               "layer0_top1": sweep[0], "shuffled_labels_top1_at_best_layer": shuffled[0],
               "tfidf_logreg_top1": topk_accuracy(tfidf, y, 1), "gate": 0.7, "passes": max(sweep) >= 0.7,
               "method": "build's denoised difference of means, mean pool from token 8, "

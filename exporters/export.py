@@ -8,6 +8,7 @@ the rank fidelity wins; the scores are in card.json.
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
@@ -156,8 +157,6 @@ def _int8(model, tokenizer, bank, out: Path, meta: dict, seqs, fp32) -> dict:
             "candidates": candidates}
 
 
-
-
 def export_run(run_dir, model, tokenizer, bank: ProbeBank, int8: bool = True, progress: bool = True, *,
                steering: bool = True, residual_norms=None) -> Path:
     """Export ``bank`` (and the model up to its read layer) to ``run_dir/export``; returns it.
@@ -171,6 +170,9 @@ def export_run(run_dir, model, tokenizer, bank: ProbeBank, int8: bool = True, pr
     from .graphs import has_risk
 
     check_fingerprint(bank.model, fingerprint(model, tokenizer), what="probe bank")
+    weights = next(model.parameters())
+    if weights.device.type != "cpu" or not weights.is_floating_point() or weights.element_size() != 4:
+        model = copy.deepcopy(model).float().cpu()  # the graphs are traced, run and checked on the CPU in fp32
     run_dir = Path(run_dir)
     final, out = run_dir / "export", run_dir / "export.partial"
     shutil.rmtree(out, ignore_errors=True)

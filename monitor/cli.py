@@ -22,6 +22,8 @@ def main(argv=None) -> int:
                 raise
             continue
         module.register(sub)
+    for command in sub.choices.values():  # also accepted after the subcommand
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from probes.bank import BankError
     from probes.models import ModelError

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
-from sklearn.model_selection import GroupKFold
 
 from . import corpus as corpus_mod
 from . import evaluate
 from .bank import ProbeBank
-from .capture import default_read_layer, measure_residual_norms, pooled_states, token_states
+from .capture import check_layer, default_read_layer, max_context, measure_residual_norms, pooled_states, token_states
 from .models import cache_dir, fingerprint
-from .vectors import EmotionProbe, emotion_vectors, neutral_components, standardizer, topk_accuracy
+from .vectors import emotion_vectors, neutral_components, standardizer, topk_accuracy
 
 TYLENOL = "I just took {x} mg of Tylenol for my back pain."
 TYLENOL_DOSES = [250, 500, 1000, 2000, 4000, 8000, 16000]
@@ -99,15 +98,6 @@ def fit_layer(X: np.ndarray, y: np.ndarray, N: np.ndarray, n_classes: int):
     return mu, sd, V, raw
 
 
-def heldout_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, folds: int = 5,
-                  C: float = 0.1) -> np.ndarray:
-    scores = np.full((len(y), n_classes), -1e4)
-    for train, test in GroupKFold(folds).split(X, y, groups):
-        probe = EmotionProbe(C=C).fit(X[train], y[train])
-        scores[np.ix_(test, probe.classes_)] = probe.decision_function(X[test])
-    return scores
-
-
 def token_pool(hs: list, start: int) -> np.ndarray:
     """Mean of each text's per-token states from ``start`` on, scaled down for short
     texts as ``capture.pool`` does (never past half the text); token 0 is always left out
@@ -120,33 +110,29 @@ def token_pool(hs: list, start: int) -> np.ndarray:
     return np.stack(out)
 
 
-def read_turns(model, tokenizer, texts: list[str], layers: list[int], batch_size: int) -> np.ndarray:
-    """States [n, len(layers), d] at the token that opens the assistant's reply, for
-    one-turn chats (the paper's implicit-emotion test)."""
-    from .tokens import chat_read_positions
+CHAT_POSITIONS = ("reply", "last_user", "mean_user")  # where a user turn can be read
 
-    parsed = [chat_read_positions(tokenizer, t) for t in texts]
-    seqs = [p[0] for p in parsed]
-    per_layer = [token_states(model, seqs, k, pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size)
-                 for k in layers]
-    return np.stack([[hs[i][p[1]].numpy() for hs in per_layer] for i, p in enumerate(parsed)]).astype(np.float64)
+
+def read_turns(model, tokenizer, texts: list[str], layers: list[int], batch_size: int) -> dict[str, np.ndarray]:
+    """One-turn chats read once, at every position a user turn offers: the token that
+    opens the assistant's reply (the paper's), the user's last token, and the mean over
+    the user's tokens. {position: states [n, len(layers), d]}."""
+    from .tokens import encode_chat
+
+    enc = [encode_chat(tokenizer, [{"role": "user", "content": t}], generation_prompt=True) for t in texts]
+    hs = token_states(model, [e[1] for e in enc], list(layers), pad_id=tokenizer.pad_token_id or 0,
+                      batch_size=batch_size, max_len=max_context(model, tokenizer))
+    user = [e[3][0] for e in enc]
+    return {"reply": np.stack([h[-1].numpy() for h in hs]).astype(np.float64),
+            "last_user": np.stack([h[u[-1]].numpy() for h, u in zip(hs, user)]).astype(np.float64),
+            "mean_user": np.stack([h[u].numpy().mean(0) for h, u in zip(hs, user)]).astype(np.float64)}
 
 
 def read_messages(model, tokenizer, texts: list[str], layers: list[int], batch_size: int) -> list[list[np.ndarray]]:
-    """Per-token states of short texts at each layer: [layer][text] -> [tokens, d]."""
-    seqs = [tokenizer(t)["input_ids"] for t in texts]
-    return [[h.numpy() for h in token_states(model, seqs, k, pad_id=tokenizer.pad_token_id or 0,
-                                             batch_size=batch_size)] for k in layers]
-
-
-def fit_readout(reader: str, X: np.ndarray, y: np.ndarray, N: np.ndarray, n: int, probe_C: float):
-    """One affine map (W, b) of raw activations for the named reader."""
-    if reader == "probe":
-        probe = EmotionProbe(C=probe_C).fit(X, y)
-        W, b = np.zeros((n, X.shape[1])), np.full(n, -1e4)
-        W[probe.classes_], b[probe.classes_] = probe.coef_, probe.intercept_
-        return W, b
-    return evaluate.READERS[reader](X, y, N, n)
+    """Per-token states of short texts at each layer, read in one pass: [layer][text] -> [tokens, d]."""
+    hs = token_states(model, [tokenizer(t)["input_ids"] for t in texts], list(layers),
+                      pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size, max_len=max_context(model, tokenizer))
+    return [[h[:, j].numpy() for h in hs] for j in range(len(layers))]
 
 
 def build(out: str | Path, model_name: str = "smollm2-135m-instruct", corpus_path: str | Path | None = None,
@@ -197,23 +183,20 @@ def build(out: str | Path, model_name: str = "smollm2-135m-instruct", corpus_pat
     for k in range(L):
         sc = evaluate.heldout("vectors", S[:, k], y, groups, N[:, k], n, folds)
         sweep.append({"layer": k, "top1": topk_accuracy(sc, y, 1), "top5": topk_accuracy(sc, y, 5)})
-    chosen = int(layer) if layer is not None else choose_layer(sweep, len(y))
+    chosen = check_layer(model, int(layer)) if layer is not None else choose_layer(sweep, len(y))
 
     log(f"comparing readers at layer {chosen}, and the baselines on the same folds")
     X = S[:, chosen]
-    heldout = {r: (heldout_probe(X, y, groups, n, folds, probe_C) if r == "probe"
-                   else evaluate.heldout(r, X, y, groups, N[:, chosen], n, folds)) for r in readers}
+    heldout = {r: evaluate.heldout(r, X, y, groups, N[:, chosen], n, folds, probe_C) for r in readers}
     reader_metrics = {r: evaluate.metrics(sc, y, labels) for r, sc in heldout.items()}
     readout = max(readers, key=lambda r: (reader_metrics[r]["top1"], reader_metrics[r]["top5"]))
     texts = [r["text"] for r in stories]
     shuffled_y = np.random.default_rng(0).permutation(y)
     baselines = {
         "tfidf_words": evaluate.metrics(evaluate.heldout_tfidf(texts, y, groups, n, folds), y, labels),
-        "layer0": evaluate.metrics(heldout_probe(S[:, 0], y, groups, n, folds, probe_C) if readout == "probe"
-                                   else evaluate.heldout(readout, S[:, 0], y, groups, N[:, 0], n, folds), y, labels),
+        "layer0": evaluate.metrics(evaluate.heldout(readout, S[:, 0], y, groups, N[:, 0], n, folds, probe_C), y, labels),
         "shuffled_labels": evaluate.metrics(
-            heldout_probe(X, shuffled_y, groups, n, folds, probe_C) if readout == "probe"
-            else evaluate.heldout(readout, X, shuffled_y, groups, N[:, chosen], n, folds), y, labels),
+            evaluate.heldout(readout, X, shuffled_y, groups, N[:, chosen], n, folds, probe_C), y, labels),
     }
 
     log("fitting vectors at every layer and the readout on all stories")
@@ -223,34 +206,49 @@ def build(out: str | Path, model_name: str = "smollm2-135m-instruct", corpus_pat
         layer_vectors[k] = raw_k
         if k == chosen:
             mu, sd, V = mu_k, sd_k, V_k
-    W, b = fit_readout(readout, X, y, N[:, chosen], n, probe_C) if readout != "vectors" else (np.zeros((n, X.shape[1])), np.zeros(n))
+    W_fit, b_fit = evaluate.fit_readout(readout, X, y, N[:, chosen], n, probe_C)  # the map the held-out folds scored
+    trained = readout != "vectors"  # the vectors' map is rebuilt from directions; any per-class shift cancels in z
     tensors = {"vectors": layer_vectors[chosen], "directions": V, "dim_mean": mu, "dim_scale": sd,
-               "probe_coef": W, "probe_intercept": b, "score_mean": np.zeros(n), "score_std": np.ones(n),
+               "probe_coef": W_fit if trained else np.zeros_like(W_fit),
+               "probe_intercept": b_fit if trained else np.zeros_like(b_fit), "score_mean": np.zeros(n), "score_std": np.ones(n),
                "layer_vectors": layer_vectors,
                "residual_norm": measure_residual_norms(model, tokenizer)}  # steering's unit, per layer
     bank = ProbeBank(labels, chosen, fp, {k: np.asarray(v, np.float32) for k, v in tensors.items()}, readout)
     # Until calibration replaces it: z-scores against the corpus' neutral dialogues.
-    W_bank, b_bank = bank.raw_head()
-    neutral_scores = N[:, chosen] @ W_bank.T + b_bank
+    W_raw, b_raw = bank.raw_head()
+    neutral_scores = N[:, chosen] @ W_raw.T + b_raw
     bank.tensors["score_mean"] = neutral_scores.mean(0).astype(np.float32)
     bank.tensors["score_std"] = (neutral_scores.std(0) + 1e-6).astype(np.float32)
-    W0, b0 = fit_readout(readout, S[:, 0], y, N[:, 0], n, probe_C)
+    W_z, b_z = bank.head()
+    W0, b0 = evaluate.fit_readout(readout, S[:, 0], y, N[:, 0], n, probe_C)
     words = evaluate.tfidf_model(texts, y, n)
 
     def transfer(X_chosen, X_0, new_texts, y_new) -> dict:
-        """Scores of texts outside the stories by the readout fitted on all stories."""
-        return {"model": evaluate.metrics(X_chosen @ W_bank.T + b_bank, y_new, labels),
+        """Texts outside the stories, scored by the readout fitted on all stories (the map
+        the held-out folds scored), by the bank as shipped (z-scored per emotion against
+        neutral text), and by the baselines."""
+        return {"model": evaluate.metrics(X_chosen @ W_fit.T + b_fit, y_new, labels),
+                "bank_z": evaluate.metrics(X_chosen @ W_z.T + b_z, y_new, labels),
                 "tfidf_words": evaluate.metrics(words(new_texts), y_new, labels),
                 "layer0": evaluate.metrics(X_0 @ W0.T + b0, y_new, labels)}
 
-    short = {"chosen_start": None, "by_start": {}}
+    turns = {"chosen": "reply", "by_position": {},
+             "rule": "highest top-1 on the corpus' user messages read as one-turn chats (training side)"}
+    user_msgs = [r for r in messages if r.get("person") == "user"]
+    if user_msgs:
+        log(f"read position for user turns, on the corpus' {len(user_msgs)} user messages")
+        yu = np.array([labels.index(r["emotion"]) for r in user_msgs])
+        at = read_turns(model, tokenizer, [r["text"] for r in user_msgs], [chosen], batch_size)
+        turns["by_position"] = {p: evaluate.metrics(at[p][:, 0] @ W_fit.T + b_fit, yu, labels) for p in CHAT_POSITIONS}
+        turns["chosen"] = max(CHAT_POSITIONS, key=lambda p: turns["by_position"][p]["top1"])
+    short = {"best_start": None, "by_start": {}, "readers_pool_from": 1}
     if messages:
         log(f"pooling start for short texts, on the corpus' {len(messages)} messages")
         ym = np.array([labels.index(r["emotion"]) for r in messages])
         hs = read_messages(model, tokenizer, [r["text"] for r in messages], [chosen], batch_size)[0]
-        short["by_start"] = {s: evaluate.metrics(token_pool(hs, s) @ W_bank.T + b_bank, ym, labels)
+        short["by_start"] = {s: evaluate.metrics(token_pool(hs, s) @ W_fit.T + b_fit, ym, labels)
                              for s in message_starts}
-        short["chosen_start"] = max(message_starts, key=lambda s: (short["by_start"][s]["top1"], -s))
+        short["best_start"] = max(message_starts, key=lambda s: (short["by_start"][s]["top1"], -s))
     evaluation = {}
     if eval_sets:
         log("scoring the held-out evaluation sets (once; nothing is chosen on them)")
@@ -261,15 +259,14 @@ def build(out: str | Path, model_name: str = "smollm2-135m-instruct", corpus_pat
         held = [r for r in ev if r["kind"] == "message"]
         if implicit:
             T = read_turns(model, tokenizer, [r["text"] for r in implicit], [chosen, 0], batch_size)
-            evaluation["implicit_reply_token"] = transfer(
-                T[:, 0], T[:, 1], [r["text"] for r in implicit], np.array([labels.index(r["emotion"]) for r in implicit]))
+            yi = np.array([labels.index(r["emotion"]) for r in implicit])
+            for p in dict.fromkeys(["reply", turns["chosen"]]):  # the paper's position, and the one chosen above
+                evaluation[f"implicit_{p}"] = transfer(T[p][:, 0], T[p][:, 1], [r["text"] for r in implicit], yi)
         if held:
             hs = read_messages(model, tokenizer, [r["text"] for r in held], [chosen, 0], batch_size)
-            s = short["chosen_start"] or start
-            evaluation["heldout_messages"] = transfer(
-                token_pool(hs[0], s), token_pool(hs[1], s), [r["text"] for r in held],
+            evaluation["heldout_messages"] = transfer(  # pooled as every reader pools: all but token 0
+                token_pool(hs[0], 1), token_pool(hs[1], 1), [r["text"] for r in held],
                 np.array([labels.index(r["emotion"]) for r in held]))
-            evaluation["heldout_messages"]["start"] = s
 
     from sklearn.decomposition import PCA
 
@@ -303,7 +300,7 @@ def build(out: str | Path, model_name: str = "smollm2-135m-instruct", corpus_pat
         "readout": readout, "readout_rule": "highest held-out-topic top-1 (then top-5) among the readers",
         "heldout_top1": reader_metrics[readout]["top1"], "heldout_top5": reader_metrics[readout]["top5"],
         "readers": reader_metrics, "baselines": baselines, "chance": evaluate.chance(labels),
-        "chance_top1": 1 / n, "short_texts": short, "evaluation": evaluation,
+        "chance_top1": 1 / n, "short_texts": short, "user_turns": turns, "evaluation": evaluation,
         "pca": {"explained_variance": pca.explained_variance_ratio_.round(4).tolist(),
                 "pc1_valence_r": r_abs(pcs[rated, 0], valence), "pc2_arousal_r": r_abs(pcs[rated, 1], arousal),
                 "pc1_arousal_r": r_abs(pcs[rated, 0], arousal), "rated": len(rated),
@@ -320,7 +317,8 @@ def build(out: str | Path, model_name: str = "smollm2-135m-instruct", corpus_pat
         "timing_s": {"read_activations": round(t_read, 1), "total": round(time.perf_counter() - t0, 1)},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    bank.meta = {"build": {k: report[k] for k in ("readout", "heldout_top1", "heldout_top5", "corpus", "settings")}}
+    bank.meta = {"build": {**{k: report[k] for k in ("readout", "heldout_top1", "heldout_top5", "corpus", "settings")},
+                            "user_turn_position": turns["chosen"]}}
     bank.save(out / "bank")
     write_report(out / "report", report)
     return bank
@@ -391,7 +389,8 @@ def summary_table(report: dict) -> str:
                              f"rank {ch['mean_rank']:.1f}  12: {ch['headline_top1']:.2f}"))
     for name, ev in report["evaluation"].items():
         rows.append((f"eval {name}", fmt(ev["model"])))
-        rows += [(f"  baseline {k}", fmt(m)) for k, m in ev.items() if k not in ("model", "start")]
+        rows += [(f"  {'bank as shipped (z)' if k == 'bank_z' else 'baseline ' + k}", fmt(m))
+                 for k, m in ev.items() if k != "model"]
     pca = report["pca"]
     rows += [
         ("PC1/PC2 variance", " / ".join(f"{x:.1%}" for x in pca["explained_variance"])),

@@ -11,12 +11,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from .architectures import block_output, decoder_layers, text_config
-from .tokens import read_windowed
+from .tokens import POOLS, read_windowed
 
-POOLS = ("mean", "last", "max")
 
 
 def check_layer(model, layer: int) -> int:
@@ -114,17 +112,19 @@ def max_context(model, tokenizer, cap: int = 2048) -> int:
 
 
 @torch.no_grad()
-def token_states(model, seqs: Sequence[Sequence[int]], layer: int, *, pad_id: int = 0,
+def token_states(model, seqs: Sequence[Sequence[int]], layer: int | Sequence[int], *, pad_id: int = 0,
                  batch_size: int = 16, max_len: int = 2048, overlap: int | None = None) -> list[torch.Tensor]:
-    """Per-token residual stream at one layer for each sequence: [tokens, hidden] each
-    (float32, on the CPU). Long sequences go through the readers' window loop."""
-    layer = check_layer(model, layer)
+    """Per-token residual stream for each sequence (float32, on the CPU): [tokens, hidden]
+    at one layer, or [tokens, len(layers), hidden] for a list of layers read in one pass.
+    Long sequences go through the readers' window loop."""
+    layers = [check_layer(model, k) for k in ([layer] if isinstance(layer, int) else layer)]
 
     def forward(ids, mask):
-        h = hidden_states(model, torch.from_numpy(ids), torch.from_numpy(mask), [layer])[layer]
-        return {"h": h.float().cpu().numpy()}
-    return [torch.from_numpy(r["h"]) for r in read_windowed(seqs, forward, max_len, batch_size=batch_size,
-                                                              overlap=overlap, pad_id=pad_id)]
+        hs = hidden_states(model, torch.from_numpy(ids), torch.from_numpy(mask), layers)
+        return {"h": torch.stack([hs[k] for k in layers], 2).float().cpu().numpy()}
+    out = [torch.from_numpy(r["h"]) for r in read_windowed(seqs, forward, max_len, batch_size=batch_size,
+                                                             overlap=overlap, pad_id=pad_id)]
+    return [h[:, 0] for h in out] if isinstance(layer, int) else out
 
 
 @torch.no_grad()

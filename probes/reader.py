@@ -10,9 +10,10 @@ from typing import Sequence
 import numpy as np
 
 from .bank import ProbeBank
-from .tokens import chat_read_positions, read_windowed
+from .tokens import POOLS, encode_chat, read_windowed
 
-POOLS = ("mean", "last", "max")
+CHAT_AT = ("reply", "user", "user_mean")
+
 
 
 def pool_scores(scores: np.ndarray, how: str) -> np.ndarray:
@@ -77,12 +78,17 @@ class BaseReader:
 
     def read_chat(self, user_texts: Sequence[str], at: str = "reply", system: str | None = None) -> np.ndarray:
         """Scores [n, n_emotions] of one-turn chats, read at the token that opens the
-        assistant's reply (``at="reply"``, the paper's position) or at the user's last token."""
-        if at not in ("reply", "user"):
-            raise ValueError(f"at must be 'reply' or 'user', got {at!r}")
-        parsed = [chat_read_positions(self.tokenizer, t, system) for t in user_texts]
-        scores = self.score_ids([p[0] for p in parsed])
-        return np.stack([s[p[1] if at == "reply" else p[2]] for s, p in zip(scores, parsed)])
+        assistant's reply (``at="reply"``, the paper's position), at the user's last token
+        (``"user"``) or averaged over the user's tokens (``"user_mean"``: on the default
+        model the position that carries the user's emotion, chosen on training data)."""
+        if at not in CHAT_AT:
+            raise ValueError(f"at must be one of {CHAT_AT}, got {at!r}")
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": ""}]
+        enc = [encode_chat(self.tokenizer, msgs[:-1] + [{"role": "user", "content": t}], generation_prompt=True)
+               for t in user_texts]
+        scores = self.score_ids([e[1] for e in enc])
+        pick = {"reply": lambda s, m: s[-1], "user": lambda s, m: s[m[-1]], "user_mean": lambda s, m: s[m].mean(0)}[at]
+        return np.stack([pick(s, e[3][-1]) for s, e in zip(scores, enc)])
 
 
 class TorchReader(BaseReader):

@@ -8,6 +8,9 @@ from typing import Sequence
 import numpy as np
 
 
+POOLS = ("mean", "last", "max")  # how a text's per-token readouts become one
+
+
 def windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int, int, int]]:
     """Overlapping windows over a long sequence: (begin, end, own_from, own_to). Each
     token is owned by exactly one window; past the first, a window gives up the first
@@ -23,6 +26,8 @@ def windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int, int,
         if end == n_tokens:
             break
         begin += step
+    if len(spans) > 1:  # the last window reads a full window back from the end, not a short tail
+        spans[-1] = (max(0, n_tokens - size), n_tokens)
     owns = [0] + [b + overlap // 2 for b, _ in spans[1:]] + [n_tokens]
     return [(b, e, owns[k], owns[k + 1]) for k, (b, e) in enumerate(spans)]
 
@@ -98,22 +103,52 @@ def _locate(text: str, contents: Sequence[str]) -> list[tuple[int, int]] | None:
     return out
 
 
+def _template_spans(tokenizer, msgs: list[dict], generation_prompt: bool) -> tuple[str, list[tuple[int, int]]] | None:
+    """Render with the template and find each message exactly: the template is rendered
+    once more with a unique marker in place of each content, and the markers' places are
+    the messages' places (a plain text search could land in the template's own text,
+    e.g. "help" inside SmolLM2's default system prompt). None when the template changes
+    the contents (e.g. strips them): then the markers do not tell where they went."""
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+    marks = [f"\u2060emoprobe-message-{k}\u2060" for k in range(len(msgs))]
+    skeleton = tokenizer.apply_chat_template([dict(m, content=mk) for m, mk in zip(msgs, marks)], tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    parts, spans, pos, length = [], [], 0, 0
+    for m, mk in zip(msgs, marks):
+        i = skeleton.find(mk, pos)
+        if i < 0:
+            return None
+        parts.append(skeleton[pos:i])
+        length += i - pos
+        c = m["content"]
+        lead = len(c) - len(c.lstrip())
+        spans.append((length + lead, length + len(c.rstrip())))
+        parts.append(c)
+        length += len(c)
+        pos = i + len(mk)
+    parts.append(skeleton[pos:])
+    return (text, spans) if "".join(parts) == text else None
+
+
 def render_chat(tokenizer, messages: Sequence[dict], generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """A conversation as the model sees it, and the character span of each message in it.
 
     The one renderer every reader, calibration, scan and integration uses, so they all
-    see the same text: the model's chat template when it has one and it keeps every
-    message (some refuse a conversation, e.g. one without strict user/assistant turns);
-    otherwise plain ``User: ...`` blocks, ending in ``Assistant:`` when a reply follows."""
+    see the same text: the model's chat template when it has one and accepts the
+    conversation (some refuse one without strict user/assistant turns); otherwise plain
+    ``User: ...`` blocks, ending in ``Assistant:`` when a reply follows."""
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     if getattr(tokenizer, "chat_template", None):
         from jinja2 import TemplateError
 
         try:
-            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-            where = _locate(text, [m["content"] for m in msgs])
-            if where is not None:
-                return text, where
+            found = _template_spans(tokenizer, msgs, generation_prompt)
+            if found is None:  # the template rewrites contents: find them in order, as written
+                text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+                where = _locate(text, [m["content"] for m in msgs])
+                found = None if where is None else (text, where)
+            if found is not None:
+                return found
         except (TemplateError, ValueError, TypeError, KeyError):
             pass
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in msgs)
@@ -126,13 +161,14 @@ def message_tokens(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int
     """Token indices of each message, from tokens' character offsets: a token belongs to
     the first message its characters overlap; template tokens (role headers, separators)
     belong to none."""
-    taken = [False] * len(offsets)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = off[:, 0], off[:, 1]
+    free = ends > starts
     out = []
     for s, e in spans:
-        mine = [i for i, (a, b) in enumerate(offsets) if not taken[i] and b > a and a < e and b > s]
-        for i in mine:
-            taken[i] = True
-        out.append(mine)
+        mine = free & (starts < e) & (ends > s)
+        free &= ~mine
+        out.append(np.flatnonzero(mine).tolist())
     return out
 
 

@@ -136,6 +136,21 @@ def test_one_renderer_for_every_reader(tokenizer):
     assert render_chat(bare, chat[:1], generation_prompt=True)[0] == "User: the tests fail again .\n\nAssistant:"
 
 
+def test_messages_are_found_after_the_template_text_that_contains_them(tokenizer):
+    """SmolLM2's template opens with a default system prompt ("You are a helpful AI
+    assistant..."): a user turn "help" must map to its own tokens, not the prompt's."""
+    from probes.tokens import chat_read_positions, encode_chat
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("<|im_start|>system\nyou help the user .<|im_end|>\n" + tok.chat_template)
+    text, ids, offsets, members = encode_chat(tok, [{"role": "user", "content": "help"},
+                                                    {"role": "assistant", "content": "user"}])
+    assert [text[offsets[m[0]][0]:offsets[m[-1]][1]] for m in members] == ["help", "user"]
+    assert text.index("help") < offsets[members[0][0]][0]  # the system prompt's "help" is not the message
+    ids, reply, user_last = chat_read_positions(tok, "help")
+    assert tok.decode([ids[user_last]]).strip() == "help" and user_last > 5
+
+
 @given(st.lists(st.integers(1, 200), min_size=1, max_size=6), st.integers(8, 64), st.integers(1, 5))
 def test_window_loop_returns_every_token_once(lengths, max_len, batch_size):
     """The loop every reader runs: each token comes back exactly once, in order, no
@@ -197,5 +212,8 @@ def test_inputs_are_moved_to_the_model_device(tiny_llama, monkeypatch):
     moved.clear()
     from conftest import random_bank
 
-    TorchReader(model, tok, random_bank(model, tok)).read(["a b c"])
-    assert len(moved) >= 2
+    reader = TorchReader(model, tok, random_bank(model, tok))
+    moved.clear()
+    n = len(reader.encode(["a b c"])[0])
+    reader.read(["a b c"])
+    assert moved.count((1, n)) == 2  # the batch's ids and mask

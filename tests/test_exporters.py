@@ -80,8 +80,7 @@ def test_fidelity_is_one_for_monotone_maps_and_detects_reordering(rows, seed):
     assert fidelity([a], [3 * a + 1])["spearman_mean"] == pytest.approx(1.0)
     assert fidelity([a], [-a])["spearman_mean"] == pytest.approx(-1.0)
     f = fidelity([a], [a[:, ::-1]], k=1)  # reversed columns: the top emotion is never the same one
-    expected = np.mean(a.argmax(1) == a[:, ::-1].argmax(1))
-    assert f["top1_agreement"] == pytest.approx(expected)
+    assert f["top1_agreement"] == 0.0
 
 
 def test_smoothing_keeps_the_fp32_function(tiny):

@@ -28,19 +28,16 @@ def test_filter_passes_text_without_family_words(clean):
     assert handwritten.banned_words(clean) == (["Calmer"] if "Calmer" in clean else [])
 
 
-def test_a_story_that_names_an_emotion_is_rejected_not_cut():
+def test_a_story_that_names_an_emotion_is_rejected_not_cut(tmp_path):
     row = {"kind": "story", "person": "third"}
     story = ("Lena stood at the counter. " * 3 + "She felt calm. " + "The bus came at noon and she got on it. " * 3)
     problems = handwritten.check_text(row, story)
     assert any("emotion words: calm" in p for p in problems)
-    with pytest.raises(ValueError, match="emotion words"):  # compile refuses it; nothing is silently trimmed
-        path = handwritten.V2.parent / "never-written.txt"
-        try:
-            path.write_text(f"## afraid/00 | x\n{story}\n")
-            handwritten.compile_corpus(path.with_suffix(".jsonl.gz"), [path])
-        finally:
-            path.unlink(missing_ok=True)
-            path.with_suffix(".jsonl.gz").unlink(missing_ok=True)
+    path = tmp_path / "afraid.txt"
+    path.write_text(f"## afraid/00 | x\n{story}\n")
+    with pytest.raises(ValueError, match="afraid/00: emotion words: calm"):  # refused whole; nothing is trimmed
+        handwritten.compile_corpus(tmp_path / "out.jsonl.gz", [path])
+    assert not (tmp_path / "out.jsonl.gz").exists()
 
 
 def test_assignment_table_balances_topics_and_never_ties_one_to_an_emotion():

@@ -57,9 +57,10 @@ def test_bank_from_real_model(run_dir, real):
     # far more often than chance (5/171), and shuffled labels do not.
     chosen, chance = report["readers"][report["readout"]], report["chance"]
     assert chosen["top5"] > 4 * chance["top5"] and report["baselines"]["shuffled_labels"]["top5"] < 2 * chance["top5"]
-    implicit = report["evaluation"]["implicit_reply_token"]
+    assert report["user_turns"]["chosen"] in ("reply", "last_user", "mean_user")
+    implicit = report["evaluation"]["implicit_reply"]
     assert implicit["model"]["n"] == 414 and implicit["model"]["headline_n"] == 96
-    assert report["short_texts"]["chosen_start"] in (1, 2, 4, 8)
+    assert report["short_texts"]["best_start"] in (1, 2, 4, 8)
     assert set(report["tylenol"]) >= {"afraid", "calm", "doses"}
 
 

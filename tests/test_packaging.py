@@ -1,5 +1,6 @@
 """The wheel holds every module and data file the code needs: built, installed apart
 from the source tree, and every module imported from the installed copy."""
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,8 +15,11 @@ PACKAGES = ("probes", "calibration", "exporters", "monitor")
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"  # a copy, so setuptools' build/ never lands in the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info",
+                                                              "__pycache__", ".pytest_cache", ".hypothesis"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp / "dist"), str(ROOT)], check=True, capture_output=True)
+                    str(tmp / "dist"), str(src)], check=True, capture_output=True)
     wheel, = (tmp / "dist").glob("emoprobe-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp / "site"),
                     str(wheel)], check=True, capture_output=True)

@@ -165,5 +165,6 @@ def test_cli_debug_shows_the_traceback(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "--debug" in err
     from probes.bank import BankError
 
-    with pytest.raises(BankError, match="no probe bank"):
-        cli(["--debug", "read", "--run", str(tmp_path), "hello"])
+    for argv in (["--debug", "read", "--run", str(tmp_path), "hello"], ["read", "--run", str(tmp_path), "hello", "--debug"]):
+        with pytest.raises(BankError, match="no probe bank"):
+            cli(argv)

@@ -31,13 +31,13 @@ def _top(labels, scores, k):
 def run(args) -> int:
     if bool(args.text) == bool(args.jsonl):
         raise ValueError("give either a text or --jsonl FILE")
-    if args.jsonl and not Path(args.jsonl).is_file():  # before loading a model for nothing
-        raise FileNotFoundError(f"{args.jsonl}: no such file")
     from monitor.runs import open_reader
+    from probes.corpus import read_jsonl
 
+    records = list(read_jsonl(Path(args.jsonl))) if args.jsonl else None  # a bad file fails before the model loads
     reader = open_reader(args.run, args.backend, args.model, args.device)
-    if args.jsonl:
-        return _read_jsonl(reader, args)
+    if records is not None:
+        return _read_jsonl(reader, records, args)
     from probes.tokens import encode_chat
 
     tok = reader.tokenizer
@@ -58,17 +58,17 @@ def run(args) -> int:
     doc = {"text": args.text, "unit": z, "tokens": rows}
     if args.chat:
         doc["reply_token"] = _top(reader.labels, scores[-1], max(args.top, 5))
-        print("\nat the token that opens the assistant's reply:")
+        doc["user_turn_mean"] = _top(reader.labels, scores[shown].mean(0), max(args.top, 5))
+        print("\nat the token that opens the assistant's reply (the paper's position):")
         print("  " + "  ".join(f"{e} {v:+.2f}" for e, v in doc["reply_token"]))
+        print("averaged over the user's turn:")
+        print("  " + "  ".join(f"{e} {v:+.2f}" for e, v in doc["user_turn_mean"]))
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1))
     return 0
 
 
-def _read_jsonl(reader, args) -> int:
-    from probes.corpus import read_jsonl
-
-    records = list(read_jsonl(Path(args.jsonl)))
+def _read_jsonl(reader, records: list[dict], args) -> int:
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
         for start in range(0, len(records), 32):
