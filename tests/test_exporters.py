@@ -357,3 +357,25 @@ def test_real_model_fp32_and_int8(real_export):
     print(f"\nreal model int8 vs fp32 ({json.loads((out / 'card.json').read_text())['int8_scheme']}): {f}")
     assert f["spearman_mean"] >= 0.98
     assert f["top3_agreement"] >= 0.7
+
+
+def test_quantizing_leaves_the_callers_logging_alone(exported, tmp_path, monkeypatch):
+    """int8 export silences one onnxruntime notice without touching the root logger's
+    level, not even while it runs (other threads keep logging)."""
+    import logging
+
+    import onnxruntime.quantization as q
+
+    from exporters.int8 import quantize
+
+    _, _, _, out = exported
+    root = logging.getLogger()
+    seen, real = [], q.quantize_dynamic
+
+    def spy(*a, **k):
+        seen.append(root.level)
+        return real(*a, **k)
+    monkeypatch.setattr(q, "quantize_dynamic", spy)
+    monkeypatch.setattr(root, "level", logging.DEBUG)
+    quantize(out / "monitor.onnx", tmp_path / "q.onnx", skip_down_proj=True)
+    assert seen == [logging.DEBUG] and root.level == logging.DEBUG and not root.filters
