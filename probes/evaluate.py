@@ -104,9 +104,10 @@ def heldout(reader: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray, N: np
 
 def tfidf_model(texts: list[str], y: np.ndarray, n_classes: int):
     """Words alone: TF-IDF of the 30k most frequent word 1-2-grams + logistic regression.
-    Returns a scorer. (All 57k n-grams and a tight tolerance: 3.5x slower, no better held out.)"""
+    Returns a scorer. (All 57k n-grams: 2.5x slower, no better held out. Keep lbfgs's
+    default tolerance: at 1e-3 it stops after one step on small corpora and scores nothing.)"""
     vec = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2, max_features=30000)
-    clf = LogisticRegression(C=10.0, max_iter=1000, tol=1e-3).fit(vec.fit_transform(texts), y)
+    clf = LogisticRegression(C=10.0, max_iter=1000).fit(vec.fit_transform(texts), y)
 
     def score(new_texts: list[str]) -> np.ndarray:
         out = np.full((len(new_texts), n_classes), -1e4)

@@ -93,3 +93,15 @@ def test_tfidf_baseline_learns_words_and_scores_unseen_classes_low():
     score = evaluate.tfidf_model(texts, y, 3)
     s = score(["window storm", "party cake"])
     assert s.argmax(1).tolist() == [0, 1] and (s[:, 2] == -1e4).all()
+
+
+def test_tfidf_baseline_learns_many_classes_from_few_texts():
+    """171 classes x 6 texts of 100 words, one cue word each (a corpus subset's shape):
+    the cue must be learnt (with an early-stopping tolerance the solver took no step
+    and scored every class alike)."""
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(3000)]
+    texts = [" ".join(list(rng.choice(vocab, 100)) + [f"cue{c}x"]) for c in range(171) for _ in range(6)]
+    y = np.repeat(np.arange(171), 6)
+    s = evaluate.tfidf_model(texts, y, 171)(texts)
+    assert evaluate.metrics(s, y, LABELS)["top1"] > 0.9
