@@ -24,7 +24,7 @@ PLAN = {  # model -> stories (and messages) per emotion, or "full"
     "smollm2-135m-instruct": "full",
     "qwen2.5-coder-0.5b-instruct": "full",
     "gemma3-270m": "12",
-    "qwen2.5-coder-1.5b-instruct": "6",
+    "qwen2.5-coder-1.5b-instruct": "4",
 }
 
 
