@@ -28,7 +28,7 @@ dev: $(VENV)/.dev
 # Builds the bank from the whole of corpus v2 (reads in bfloat16: ~6 min on 2 cores), calibrates,
 # exports, then reads a sentence with torch and with ONNX and scans the two sample agent logs.
 demo: install
-	$(BIN)/emoprobe build --out runs/default
+	$(BIN)/emoprobe build --out runs/default --dtype bfloat16
 	$(BIN)/emoprobe read --run runs/default --chat "I just took 8000 mg of Tylenol and the pain is gone"
 	$(BIN)/emoprobe read --run runs/default --backend onnx "The tests still fail and the deadline is in ten minutes."
 	$(BIN)/emoprobe scan --run runs/default --out runs/default/scan.jsonl --html runs/default/scan.html --overwrite \
