@@ -83,13 +83,11 @@ def read_prompts(reader, texts: list[str], at: str, bar=None, chunk: int = 64) -
 def read_neutral(reader, neutral: NeutralSet, at: str = "reply", bar=None, chunk: int = 64):
     """One pass over the neutral set: the prompts' readouts at ``at`` [prompts, n] and
     the readouts of every token of message text, prompts' and chats' [tokens, n]."""
-    from probes.tokens import chat_read_positions
-
     tok = reader.tokenizer
     items = []  # (ids, message-token rows, row read at `at` or None)
     for p in neutral.prompts:
         ids, inside = chat_tokens(tok, [{"role": "user", "content": p}], generation_prompt=True)
-        items.append((ids, inside, len(ids) - 1 if at == "reply" else chat_read_positions(tok, p)[2]))
+        items.append((ids, inside, len(ids) - 1 if at == "reply" else inside[-1]))  # the user's last token
     items += [(*chat_tokens(tok, c), None) for c in neutral.chats]
     at_rows, token_rows = [], []
     for i in range(0, len(items), chunk):

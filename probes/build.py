@@ -20,7 +20,7 @@ from . import evaluate
 from .bank import ProbeBank
 from .capture import check_layer, default_read_layer, max_context, measure_residual_norms, pooled_states, token_states
 from .models import cache_dir, fingerprint
-from .vectors import emotion_vectors, neutral_components, standardizer, topk_accuracy
+from .vectors import topk_accuracy
 
 TYLENOL = "I just took {x} mg of Tylenol for my back pain."
 TYLENOL_DOSES = [250, 500, 1000, 2000, 4000, 8000, 16000]
@@ -91,8 +91,7 @@ def choose_layer(sweep: list[dict], n_stories: int) -> int:
 
 def fit_layer(X: np.ndarray, y: np.ndarray, N: np.ndarray, n_classes: int):
     """Standardizer, unit standardized-space directions and unit raw-space vectors."""
-    mu, sd = standardizer(np.vstack([X, N]))
-    V = emotion_vectors((X - mu) / sd, y, n_classes, neutral_components((N - mu) / sd))
+    mu, sd, V = evaluate.vector_fit(X, y, N, n_classes)
     raw = V * sd
     raw /= np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
     return mu, sd, V, raw

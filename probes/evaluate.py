@@ -58,13 +58,18 @@ def chance(labels: list[str]) -> dict:
 
 # --- readers fitted on training rows -----------------------------------------------
 
-def fit_vectors(X: np.ndarray, y: np.ndarray, N: np.ndarray, n_classes: int):
-    """The paper's readout as one affine map (W, b) of raw activations: denoised
-    difference of means, in per-dimension standardized space, centred on the mean of
-    the class means."""
+def vector_fit(X: np.ndarray, y: np.ndarray, N: np.ndarray, n_classes: int):
+    """(mean, scale, unit directions [n_classes, d]): the denoised difference of means in
+    per-dimension standardized space, standardized over stories and neutral texts."""
     mu, sd = standardizer(np.vstack([X, N]))
+    return mu, sd, emotion_vectors((X - mu) / sd, y, n_classes, neutral_components((N - mu) / sd))
+
+
+def fit_vectors(X: np.ndarray, y: np.ndarray, N: np.ndarray, n_classes: int):
+    """The paper's readout as one affine map (W, b) of raw activations, centred on the
+    mean of the class means."""
+    mu, sd, V = vector_fit(X, y, N, n_classes)
     Z = (X - mu) / sd
-    V = emotion_vectors(Z, y, n_classes, neutral_components((N - mu) / sd))
     centre = np.mean([Z[y == c].mean(0) for c in np.unique(y)], 0)
     W = V / sd
     return W, -W @ mu - V @ centre
