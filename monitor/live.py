@@ -15,6 +15,7 @@ streamed or the stopping criteria run; the rest of the prompt is not read.
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterable, Sequence
 
@@ -111,9 +112,11 @@ class EmotionMonitor:
         model = self.model
 
         def hook(_module, _inputs, output):
+            t0 = time.perf_counter()
             h = block_output(output)
             W, b = self.head(h.device)
             trace._steps.append(F.linear(h[:, -1].float(), W, b))
+            trace.readout_seconds += time.perf_counter() - t0
 
         had_own = "generate" in model.__dict__
         original = model.generate
@@ -124,8 +127,9 @@ class EmotionMonitor:
                 raise ValueError("the emotion monitor follows one continuation per sequence; beam search is not supported")
             ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             prompt_width = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dtype == torch.long else 0
-            watch = _Watch(trace, rules, stop_on, on_alert, kwargs.get("eos_token_id", gc.eos_token_id))
-            kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), watch])
+            watch = _Watch(trace, rules, stop_on, on_alert, kwargs.get("eos_token_id", gc.eos_token_id),
+                           StoppingCriteriaList(kwargs.get("stopping_criteria") or []))
+            kwargs["stopping_criteria"] = StoppingCriteriaList([watch])
             trace._reset()
             out = original(*args, **kwargs)
             seqs = out if isinstance(out, torch.Tensor) else out.sequences
@@ -224,6 +228,7 @@ class Trace:
 
     def _reset(self):
         self._steps: list[torch.Tensor] = []
+        self.readout_seconds = 0.0  # host time in the readout hook and the per-token rules (on a GPU: launch time)
         self._n: int | None = None
         self._length = None
         self.live_alerts = []
@@ -238,6 +243,12 @@ class Trace:
         if not steps:
             return np.zeros((1, 0, len(self.labels)), np.float32)
         return torch.stack(steps, 1).float().cpu().numpy()
+
+    @property
+    def last(self) -> torch.Tensor:
+        """The newest reading, [batch, n] on the model's device: for a stopping criterion
+        or streamer that acts on each token as it is written (the server's stream)."""
+        return self._steps[-1]
 
     @property
     def batch_size(self) -> int:
@@ -295,12 +306,14 @@ class Trace:
 
 
 class _Watch(StoppingCriteria):
-    """Runs once per decoding step, right after the step's reading: tracks which
-    sequences are still going, steps the rules on device and stops sequences whose
-    stop rule fired (a per-sequence bool tensor, as transformers >= 4.39 expects)."""
+    """Runs once per decoding step, right after the step's reading: runs the caller's
+    stopping criteria first, tracks which sequences are still going, steps the rules on
+    device and stops sequences whose stop rule fired (a per-sequence bool tensor, as
+    transformers >= 4.39 expects). The caller's criteria run inside it so that a
+    sequence they end in a batch stops being read too, as one a stop rule ends does."""
 
-    def __init__(self, trace: Trace, rules, stop_on, on_alert, eos_token_id):
-        self.trace, self.on_alert = trace, on_alert
+    def __init__(self, trace: Trace, rules, stop_on, on_alert, eos_token_id, others=None):
+        self.trace, self.on_alert, self.others = trace, on_alert, others
         stop = set(stop_on)
         live = [r for r in rules if r in stop or on_alert is not None]
         self.rules = [(r, r in stop) for r in live]
@@ -322,7 +335,9 @@ class _Watch(StoppingCriteria):
         if self.steppers is None:
             del self.trace._steps[:-1]  # a chunked prefill reads once per chunk: keep the prompt's last token
             self._start(x)
-        t, active, stop = self.t, ~self.done, None
+        ended = self.others(input_ids, scores, **kwargs).to(x.device) if self.others else None
+        t0 = time.perf_counter()
+        t, active, stop = self.t, ~self.done, ended
         for i, ((rule, stops), step) in enumerate(zip(self.rules, self.steppers)):
             fired = step(x, t) & active
             if stops:
@@ -336,6 +351,7 @@ class _Watch(StoppingCriteria):
         if self.eos is not None:
             self.done |= torch.isin(input_ids[:, -1], self.eos)
         self.t += 1
+        self.trace.readout_seconds += time.perf_counter() - t0
         return self.never if stop is None else stop
 
     def _report(self, rule, step, started, t):

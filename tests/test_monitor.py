@@ -257,6 +257,39 @@ def test_stop_on_alert_stops_only_the_sequence_that_fired(tiny_llama):
     assert [(a.sequence, a.token) for a in trace.alerts] == [(row, k)]
 
 
+def test_a_callers_criterion_ends_one_sequence_and_its_readings(tiny_llama):
+    """A StoppingCriteria the caller passes (the server's stop strings and cancel flag)
+    ends one row of a batch; that row's readings end with it, and each step's reading is
+    available to the criterion as ``trace.last``."""
+    from transformers import StoppingCriteria
+
+    model, tok = tiny_llama
+    mon = EmotionMonitor(model, random_bank(model, tok), tok)
+    enc = left_batch(tok, ["i took 5 mg of tylenol", "my dog is still not home"])
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    with mon.attach() as free:
+        model.generate(**enc, **kw)
+
+    class EndRowOneAt(StoppingCriteria):
+        def __init__(self, trace):
+            self.trace, self.t, self.seen = trace, 0, []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.seen.append(self.trace.last.clone())
+            done = torch.tensor([False, self.t >= 3])
+            self.t += 1
+            return done
+
+    with mon.attach() as trace:
+        crit = EndRowOneAt(trace)
+        model.generate(**enc, stopping_criteria=[crit], **kw)
+    assert trace.lengths == [10, 4]
+    np.testing.assert_allclose(trace.sequence(0), free.sequence(0), atol=2e-4)
+    np.testing.assert_allclose(trace.sequence(1), free.sequence(1)[:4], atol=2e-4)
+    assert np.isnan(trace.scores[1, 4:]).all()
+    np.testing.assert_allclose(np.stack([s.numpy() for s in crit.seen], 1)[:, :4], free.scores[:, :4], atol=2e-4)
+    assert trace.readout_seconds > 0
+
 def test_live_alerts_match_the_trace(tiny_llama):
     model, tok = tiny_llama
     mon = EmotionMonitor(model, random_bank(model, tok), tok)
