@@ -16,7 +16,7 @@ def register(sub) -> None:
     p = sub.add_parser("scan", help="scan agent logs for risky emotional states")
     p.add_argument("logs", nargs="+", help="log files or directories (JSONL, JSON, .eval, text)")
     p.add_argument("--run", required=True, help="run directory with bank/ (and export/ for --backend onnx)")
-    p.add_argument("--out", required=True, help="output JSONL, one line per message; resumed if it exists")
+    p.add_argument("--out", required=True, help="output JSONL, one line per message; resumed if it exists (--engine ray: a directory)")
     p.add_argument("--html", help="also write a self-contained HTML report here")
     p.add_argument("--format", choices=FORMATS, help="force a log format (default: detected per file)")
     p.add_argument("--watch",
@@ -36,6 +36,12 @@ def register(sub) -> None:
                         "lines get much smaller")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = p.add_argument_group("Ray engine (pip install 'emoprobe[ray]'; --out is then a directory, resumed by shard)")
+    ray.add_argument("--engine", choices=["local", "ray"], default="local", help="where to scan (default: this process)")
+    ray.add_argument("--address", help="Ray cluster address (default: the running cluster, else a local one)")
+    ray.add_argument("--actors", type=int, default=1, help="Ray actors, each with its own model")
+    ray.add_argument("--num-gpus", type=float, default=0, help="GPUs per actor")
+    ray.add_argument("--shard-size", type=int, default=256, help="conversations per shard, the unit of resume")
     p.set_defaults(func=run)
 
 
@@ -54,11 +60,23 @@ def run(args) -> int:
     bank = ProbeBank.load(args.run)
     watch = None if args.watch is None else args.watch.split(",")
     rules = make_rules(bank, watch, args.alert, args.smooth)
-    threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
-    factory = functools.partial(open_reader, args.run, args.backend, args.model, args.device, threads)
-    reader = factory if args.workers > 1 else factory()
-    summary = scan(args.logs, args.out, reader, bank=bank, rules=rules, fmt=args.format,
-                   workers=args.workers, progress=not args.quiet, overwrite=args.overwrite, detail=args.detail)
+    if args.engine == "ray":
+        try:
+            from monitor.logscan.ray_scan import MISSING, scan_on_ray
+            import ray  # noqa: F401
+        except ModuleNotFoundError as e:
+            raise ValueError(MISSING) from e
+        summary = scan_on_ray(args.logs, args.run, args.out, backend=args.backend, model=args.model, device=args.device,
+                              rules=rules, fmt=args.format, actors=args.actors, num_gpus=args.num_gpus,
+                              shard_size=args.shard_size, address=args.address, overwrite=args.overwrite,
+                              detail=args.detail, progress=not args.quiet)
+        args.out = str(Path(args.out) / "scan.jsonl")
+    else:
+        threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
+        factory = functools.partial(open_reader, args.run, args.backend, args.model, args.device, threads)
+        reader = factory if args.workers > 1 else factory()
+        summary = scan(args.logs, args.out, reader, bank=bank, rules=rules, fmt=args.format,
+                       workers=args.workers, progress=not args.quiet, overwrite=args.overwrite, detail=args.detail)
     print(format_summary(summary))
     print(f"\nwrote {args.out} and {summary_path(Path(args.out))}")
     if args.html:
