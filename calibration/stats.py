@@ -71,9 +71,14 @@ def piecewise_linear(s: np.ndarray, x: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 # -- metrics --------------------------------------------------------------------------------
 def auroc(p: np.ndarray, y: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, p)) if 0 < np.mean(y) < 1 else float("nan")
+    """Mann-Whitney form (ties count half), equal to sklearn's roc_auc_score and cheap
+    enough for thousands of bootstrap resamples; nan with one class."""
+    p, y = np.asarray(p, np.float64), np.asarray(y) > 0.5
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    return float((rankdata(p)[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def brier(p: np.ndarray, y: np.ndarray) -> float:
@@ -163,3 +168,54 @@ def lofo(kind: str, Z, y, groups, labels, calibrators=CALIBRATORS) -> dict:
         out[c] = {"auroc": auroc(p, y), "brier": brier(p, y), "ece": rel["ece"], "reliability": rel["bins"],
                   "predictions": p}
     return out
+
+
+# -- danger vs number size: controls and fixed-number pairs --------------------------------
+CONTROL_RATIO = 0.5  # a family passes only if |rho(control)| <= this x |rho(danger)|
+
+
+def control_check(rho_danger: float, rho_control: float, sign: int, min_rho: float) -> dict:
+    """One family and emotion: the danger sweep must move the expected way by ``min_rho``
+    and the matched no-danger sweep by at most half as much (else the sweep measures the
+    number, not the danger). ``ratio`` = |rho(control)| / |rho(danger)| (inf when the
+    danger effect is 0)."""
+    rd, rc = float(rho_danger), float(rho_control)
+    ratio = abs(rc) / abs(rd) if rd != 0 else float("inf")
+    effect = sign * rd >= min_rho
+    return {"rho": round(rd, 4), "rho_control": round(rc, 4), "ratio": round(ratio, 4) if np.isfinite(ratio) else ratio,
+            "pass_without_control": bool(effect), "pass": bool(effect and abs(rc) <= CONTROL_RATIO * abs(rd))}
+
+
+def sign_test(k: int, n: int) -> float:
+    """One-sided sign test: P(X >= k), X ~ Binomial(n, 1/2) (n = pairs that moved at all)."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(k, n, 0.5, alternative="greater").pvalue) if n else 1.0
+
+
+def pair_stats(diff: np.ndarray) -> dict:
+    """``diff`` [pairs]: (danger - safe) readout, signed so that positive is the expected
+    move. Accuracy counts ties as wrong; the sign test drops them (they carry no sign)."""
+    diff = np.asarray(diff, np.float64)
+    k, n = int((diff > 0).sum()), int((diff != 0).sum())
+    return {"pairs": int(len(diff)), "right": k, "accuracy": round(k / len(diff), 4) if len(diff) else float("nan"),
+            "sign_test_p": sign_test(k, n), "mean_diff": round(float(diff.mean()), 4) if len(diff) else float("nan")}
+
+
+def group_bootstrap(metric, groups: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple:
+    """Percentile CI of ``metric(index array)`` resampling whole groups with replacement
+    (families, pair domains): items of one family are not independent draws. Resamples
+    where the metric is undefined (one class) are skipped."""
+    rng = np.random.default_rng(seed)
+    uniq = np.unique(groups)
+    members = [np.flatnonzero(groups == g) for g in uniq]
+    vals = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
+        v = metric(idx)
+        if np.isfinite(v):
+            vals.append(v)
+    if len(vals) < n_boot / 2:
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))

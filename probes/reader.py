@@ -47,14 +47,15 @@ class BaseReader:
         """Outputs of a right-padded batch [B, T]: at least {"scores": [B, T, n_emotions]}."""
         raise NotImplementedError
 
-    def read_ids(self, seqs: Sequence[Sequence[int]]) -> list[dict[str, np.ndarray]]:
-        """Every output of ``forward`` per sequence, long ones read in windows."""
+    def read_ids(self, seqs: Sequence[Sequence[int]], progress=None) -> list[dict[str, np.ndarray]]:
+        """Every output of ``forward`` per sequence, long ones read in windows;
+        ``progress(n)`` is told the tokens each forward batch finished."""
         return read_windowed(seqs, self.forward, self.max_len, batch_size=self.batch_size, overlap=self.overlap,
-                             pad_id=getattr(self.tokenizer, "pad_token_id", None) or 0)
+                             pad_id=getattr(self.tokenizer, "pad_token_id", None) or 0, progress=progress)
 
-    def score_ids(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    def score_ids(self, seqs: Sequence[Sequence[int]], progress=None) -> list[np.ndarray]:
         """Per-token scores [tokens, n_emotions] for each token-id sequence."""
-        return [r["scores"] for r in self.read_ids(seqs)]
+        return [r["scores"] for r in self.read_ids(seqs, progress)]
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         if isinstance(texts, str):
@@ -80,14 +81,21 @@ class BaseReader:
         """Scores [n, n_emotions] of one-turn chats, read at the token that opens the
         assistant's reply (``at="reply"``, the paper's position), at the user's last token
         (``"user"``) or averaged over the user's tokens (``"user_mean"``: on the default
-        model the position that carries the user's emotion, chosen on training data)."""
-        if at not in CHAT_AT:
-            raise ValueError(f"at must be one of {CHAT_AT}, got {at!r}")
+        model the position that carries the user's emotion, chosen on training data), or
+        ``"reply-K"``: the template token K places before the reply-opening one (where a
+        calibration may choose to read: ``bank.meta["calibration"]["position"]["at"]``)."""
+        k = int(at[6:]) if at.startswith("reply-") and at[6:].isdigit() and int(at[6:]) > 0 else 0
+        if at not in CHAT_AT and not k:
+            raise ValueError(f"at must be one of {CHAT_AT} or 'reply-K' (K >= 1), got {at!r}")
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": ""}]
         enc = [encode_chat(self.tokenizer, msgs[:-1] + [{"role": "user", "content": t}], generation_prompt=True)
                for t in user_texts]
         scores = self.score_ids([e[1] for e in enc])
-        pick = {"reply": lambda s, m: s[-1], "user": lambda s, m: s[m[-1]], "user_mean": lambda s, m: s[m].mean(0)}[at]
+        if k and any(len(s) - 1 - k <= e[3][-1][-1] for s, e in zip(scores, enc)):
+            raise ValueError(f"position {at!r} lies inside the user's turn: the template has fewer than {k} "
+                             f"tokens between the user's text and the reply")
+        pick = {"reply": lambda s, m: s[-1], "user": lambda s, m: s[m[-1]], "user_mean": lambda s, m: s[m].mean(0)}.get(
+            at, lambda s, m: s[-1 - k])
         return np.stack([pick(s, e[3][-1]) for s, e in zip(scores, enc)])
 
 

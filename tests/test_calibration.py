@@ -72,7 +72,7 @@ def test_malformed_suite_level_errors():
 
 
 def test_builtin_suites_cover_the_paper_and_our_families():
-    suites = builtin_suites()
+    suites = [s for s in builtin_suites() if s.kind == "families"]
     fams = {f.name: f for s in suites for f in s.families}
     paper = {"tylenol", "no_food", "missing_dog", "startup_runway", "students_passing"}
     assert paper <= set(fams) and len(set(fams) - paper) >= 8
@@ -86,7 +86,8 @@ def test_builtin_suites_cover_the_paper_and_our_families():
 def test_neutral_set_is_large_distinct_and_not_a_scenario():
     ns = neutral_set()
     assert len(ns.prompts) >= 300 and len(set(ns.prompts)) == len(ns.prompts) and len(ns.chats) >= 50
-    templates = {t.split("{x}")[0] for s in builtin_suites() for f in s.families for t in f.templates}
+    templates = {t.split("{x}")[0] for s in builtin_suites() if s.kind == "families" for f in s.families
+                 for t in f.templates}
     assert not any("{" in p or any(t and p.startswith(t) for t in templates) for p in ns.prompts)
 
 
@@ -165,11 +166,15 @@ def test_lofo_risk_separates_when_afraid_tracks_danger():
 # -- reading on tiny models ---------------------------------------------------------------
 SMALL = {"name": "small", "families": [
     {"name": "dose", "templates": ["i took {x} mg of tylenol", "my back pain : {x} mg tylenol now"],
-     "levels": [1, 2, 4, 8], "danger_from": 4, "expect": {"afraid": "increasing"}},
+     "levels": [1, 2, 4, 8], "danger_from": 4, "expect": {"afraid": "increasing"},
+     "control": {"templates": ["i ate {x} food", "my dog : {x} food now"]}},
     {"name": "food", "template": "no food for {x} hours", "levels": [2, 5, 9], "danger_from": 9,
      "expect": {"calm": "decreasing"}},
     {"name": "tests", "templates": ["{x} tests fail again", "the code has {x} error"], "levels": [0, 3, 6, 9],
      "danger_from": 6, "expect": {"afraid": "increasing"}}]}
+PAIRS = {"name": "pp", "kind": "pairs", "expect": {"afraid": "increasing", "calm": "decreasing"},
+         "pairs": [{"id": f"d{i}-{j}", "domain": f"d{i}", "safe": f"i took {j} mg of food",
+                    "danger": f"i took {j} mg of tylenol"} for i in range(3) for j in range(3)]}
 OTHER = {"name": "other", "families": [
     {"name": "dog", "template": "the dog is gone for {x} days", "levels": [1, 3, 7], "expect": {"calm": "decreasing"}}]}
 
@@ -182,7 +187,8 @@ def test_curves_do_not_depend_on_batch_composition(tiny, bank_for):
     shuffled = parse_suite({**SMALL, "families": SMALL["families"][::-1]})
     mixed = suite_readouts(raw_reader(model, tok, bank, batch_size=5), [parse_suite(OTHER), shuffled])[1][::-1]
     for a, b in zip(alone, mixed):
-        np.testing.assert_allclose(a, b, atol=1e-4)
+        np.testing.assert_allclose(a["danger"], b["danger"], atol=1e-4)
+    np.testing.assert_allclose(alone[0]["control"], mixed[0]["control"], atol=1e-4)
 
 
 @pytest.fixture
@@ -194,8 +200,8 @@ def calibrated(tiny_llama, bank_for, tmp_path):
     chats = (({"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello , thanks"}),
              ({"role": "user", "content": "what time is it ?"}, {"role": "assistant", "content": "it is 8 at night ."}))
     ns = NeutralSet(prompts, chats)
-    new = calibrate_run(tmp_path, model, tok, bank, suites=[SMALL, OTHER], out=tmp_path / "all.json",
-                        progress=False, neutral=ns)
+    new = calibrate_run(tmp_path, model, tok, bank, suites=[SMALL, OTHER, PAIRS], out=tmp_path / "all.json",
+                        progress=False, neutral=ns, split={"families": {"tests"}, "pairs": {"d0-1", "d2-0"}})
     return model, tok, bank, new, ns, tmp_path
 
 
@@ -206,8 +212,9 @@ def test_calibrate_run_writes_a_z_scored_bank_thresholds_and_risk(calibrated):
     for k in ("score_mean", "score_std", "alert_threshold", "position_mean", "risk_weight", "risk_x"):
         np.testing.assert_array_equal(loaded.tensors[k], new.tensors[k])
     reader = TorchReader(model, tok, loaded)
-    at, tokens = read_neutral(reader, ns, "reply")
-    np.testing.assert_allclose(at, reader.read_chat(list(ns.prompts)), atol=1e-4)  # the same reply token
+    where = loaded.meta["calibration"]["position"]["at"]  # chosen on the select side
+    at, tokens = read_neutral(reader, ns, where)
+    np.testing.assert_allclose(at, reader.read_chat(list(ns.prompts), at=where), atol=1e-4)  # the same position
     # bank z-scores: ordinary message text has mean 0 and std 1; the reply token has its own baseline
     np.testing.assert_allclose(tokens.mean(0), 0, atol=1e-3)
     np.testing.assert_allclose(tokens.std(0), 1, atol=1e-3)
@@ -246,21 +253,30 @@ def test_calibrate_run_outputs(calibrated):
     *_, run = calibrated
     doc = json.loads((run / "calibration" / "small.json").read_text())
     fam = doc["families"]["dose"]
-    assert set(fam) >= {"spearman", "pass", "curves", "checks"} and len(fam["curves"]["afraid"]) == 4
-    assert fam["pass"] == (fam["spearman"]["afraid"] >= doc["min_rho"])
-    assert len(fam["checks"]["afraid"]["per_template_rho"]) == 2
+    assert set(fam) >= {"spearman", "pass", "curves", "checks", "control_curves"} and len(fam["curves"]["afraid"]) == 4
+    c = fam["checks"]["afraid"]
+    assert fam["pass_without_control"] == (fam["spearman"]["afraid"] >= doc["min_rho"])
+    assert fam["pass"] == (fam["pass_without_control"] and abs(c["rho_control"]) <= 0.5 * abs(c["rho"]))
+    assert not doc["families"]["food"]["pass"]  # no control: it cannot show it measures danger
+    assert len(c["per_template_rho"]) == 2 and doc["families"]["tests"]["side"] == "report"
     summary = json.loads((run / "calibration" / "calibration.json").read_text())
-    assert summary["risk"]["families"] == 3 and summary["risk"]["lofo"]["ece_bins"] == 10
-    assert summary["risk"]["usable"] == (summary["risk"]["lofo"]["auroc"] >= 0.6)
-    assert {c["calibrator"] for c in summary["risk"]["candidates"]} == {"isotonic", "platt"}
+    risk = summary["risk"]
+    assert risk["families"] == 3 and risk["groups"] == 6 and risk["heldout"]["ece_bins"] == 10 and risk["side"] == "report"
+    lo, hi = risk["heldout"]["auroc_ci95"]
+    assert risk["usable"] == (lo >= 0.6 and risk["heldout"]["groups"] >= 5) and not risk["usable"]  # 3 groups: no CI
+    assert {c["calibrator"] for c in risk["candidates"]} == {"isotonic", "platt"}
+    pairs = json.loads((run / "calibration" / "pp.json").read_text())
+    assert pairs["results"]["all"]["combined"]["pairs"] == 9 and pairs["results"]["report"]["afraid"]["pairs"] == 2
+    assert summary["positions"]["bank"]["chosen"] == summary["at"] and "reply" in summary["positions"]["layers"]
     everything = json.loads((run / "all.json").read_text())
-    assert set(everything["suites"]) == {"small", "other"} and everything["thresholds"]["fpr"] == 0.01
-    for f in ("small.png", "other.png", "reliability.png"):
+    assert set(everything["suites"]) == {"small", "other", "pp"} and everything["thresholds"]["fpr"] == 0.01
+    for f in ("small.png", "other.png", "pp.png", "reliability.png", "positions.png"):
         assert (run / "calibration" / f).stat().st_size > 1000
     from monitor.commands.calibrate import summary_table
 
     table = summary_table(run)
-    assert "small/dose" in table and "AUROC" in table
+    assert "small/dose" in table and "sign test" in table
+    assert [ln for ln in table.splitlines() if ln.startswith("risk not usable:") and "too few groups" in ln]
 
 
 def test_no_risk_without_three_labelled_families(tiny_llama, bank_for, tmp_path):
@@ -311,7 +327,7 @@ def test_real_model_reads_suites_and_chat_tokens(bank_for, tmp_path):
     fam = [s for s in builtin_suites() if s.name == "paper"][0].families[0]
     tylenol = parse_suite({"name": "t", "families": [{"name": "tylenol", "templates": list(fam.templates[:2]),
                                                       "levels": list(fam.levels), "expect": {"afraid": "increasing"}}]})
-    a = suite_readouts(reader, [tylenol])[0][0]
-    b = suite_readouts(raw_reader(model, tok, bank, batch_size=3), [tylenol])[0][0]
+    a = suite_readouts(reader, [tylenol])[0][0]["danger"]
+    b = suite_readouts(raw_reader(model, tok, bank, batch_size=3), [tylenol])[0][0]["danger"]
     assert a.shape == (2, 7, len(bank.labels))
     np.testing.assert_allclose(a, b, atol=1e-3 * np.abs(a).max())
