@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("build", "read", "corpus", "calibrate", "export", "watch", "scan")
+COMMANDS = ("build", "read", "corpus", "calibrate", "export", "watch", "scan", "serve")
 
 
 def main(argv=None) -> int:
