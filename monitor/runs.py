@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def open_run(run: str | Path, model: str | None = None, device: str | None = None):
+def open_run(run: str | Path, model: str | None = None, device: str | None = None, dtype: str = "float32"):
     """``(bank, model, tokenizer)`` for a run directory. The bank is read (and validated)
     before any weights load, so a bad run fails fast; ``model`` defaults to the bank's
     own; a model that does not match the bank is refused in one line."""
@@ -14,16 +14,17 @@ def open_run(run: str | Path, model: str | None = None, device: str | None = Non
     from probes.models import check_fingerprint, fingerprint, load_model
 
     bank = ProbeBank.load(run)
-    hf_model, tok = load_model(model or bank.model["name"], device=device)
+    hf_model, tok = load_model(model or bank.model["name"], device=device, dtype=dtype)
     check_fingerprint(bank.model, fingerprint(hf_model, tok), what=f"probe bank {run}")
     return bank, hf_model, tok
 
 
 def open_reader(run: str | Path, backend: str = "torch", model: str | None = None, device: str | None = None,
-                threads: int | None = None, batch_size: int = 16):
+                threads: int | None = None, batch_size: int = 16, dtype: str = "float32"):
     """A reader for a run: ``torch`` (the HF model on ``device``, default cuda when
     present) or ``onnx`` (``export/monitor.onnx`` on onnxruntime, no torch import).
-    ``threads`` caps the backend's CPU threads (a share of the cores per worker)."""
+    ``threads`` caps the backend's CPU threads (a share of the cores per worker);
+    ``dtype`` is the torch model's (``"auto"``: bfloat16 where the device runs it natively)."""
     if backend == "onnx":
         if device not in (None, "cpu"):  # the export names its own model; --model changes nothing here
             raise ValueError("--backend onnx reads the exported graph with onnxruntime on the CPU: drop --device")
@@ -38,5 +39,5 @@ def open_reader(run: str | Path, backend: str = "torch", model: str | None = Non
         torch.set_num_threads(threads)
     from probes.reader import TorchReader
 
-    bank, hf_model, tok = open_run(run, model, device)
+    bank, hf_model, tok = open_run(run, model, device, dtype)
     return TorchReader(hf_model, tok, bank, batch_size=batch_size)

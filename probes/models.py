@@ -199,18 +199,38 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
     )
 
 
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls natively: a CUDA GPU that supports them, or
+    a CPU with AMX or AVX512-BF16 units (elsewhere bfloat16 is emulated, slower than fp32)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if str(device) != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, dtype: str = "float32",
                device: str | None = None):
     """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: cuda when
-    present, else cpu); the model carries ``emoprobe_name``."""
+    present, else cpu); the model carries ``emoprobe_name``. ``dtype="auto"``: bfloat16
+    where the device runs it natively (``native_bf16``), else float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .capture import default_device
 
+    device = device or default_device()
+    if dtype == "auto":
+        dtype = "bfloat16" if native_bf16(device) else "float32"
     name, path = resolve(name_or_path)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.to(device or default_device()).eval()
+    model.to(device).eval()
     model.emoprobe_name = name
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -56,12 +56,13 @@ def length_groups(lengths: Sequence[int], waste: float = 0.15, max_tokens: int =
 
 
 def read_windowed(seqs: Sequence[Sequence[int]], forward, max_len: int, *, batch_size: int = 16,
-                  overlap: int | None = None, pad_id: int = 0) -> list[dict]:
+                  overlap: int | None = None, pad_id: int = 0, progress=None) -> list[dict]:
     """The one loop every reader runs: each sequence cut into windows of at most
     ``max_len`` tokens (each token kept from the window that saw it with the most
     context), windows batched by length and right-padded, ``forward(ids, mask)``
     ([B, T] int64 arrays -> {name: array [B, T, ...]}) run per batch, outputs stitched
-    back per sequence: {name: [tokens, ...]}."""
+    back per sequence: {name: [tokens, ...]}. ``progress(n)``, if given, is called after
+    each batch with the tokens it finished, so a long text shows progress as it is read."""
     overlap = default_overlap(max_len) if overlap is None else overlap
     arrays = []
     for i, s in enumerate(seqs):
@@ -76,7 +77,8 @@ def read_windowed(seqs: Sequence[Sequence[int]], forward, max_len: int, *, batch
                       f"sequence {long[0]}, {len(arrays[long[0]])} tokens) read in overlapping windows", stacklevel=3)
     pieces = [(i, k, *w) for i, c in enumerate(cuts) for k, w in enumerate(c)]
     parts: dict[tuple[int, int], dict] = {}
-    for group in length_groups([p[3] - p[2] for p in pieces], max_rows=batch_size):
+    budget = max(max_len, 8192)  # padded tokens per forward: bounds memory, and progress moves inside a long text
+    for group in length_groups([p[3] - p[2] for p in pieces], max_tokens=budget, max_rows=batch_size):
         chunk = [pieces[p] for p in group]
         width = max(end - begin for _, _, begin, end, _, _ in chunk)
         ids = np.full((len(chunk), width), pad_id, np.int64)
@@ -86,6 +88,8 @@ def read_windowed(seqs: Sequence[Sequence[int]], forward, max_len: int, *, batch
         out = forward(ids, mask)
         for row, (i, k, begin, _, own_from, own_to) in enumerate(chunk):
             parts[i, k] = {name: v[row, own_from - begin:own_to - begin] for name, v in out.items()}
+        if progress is not None:
+            progress(sum(own_to - own_from for *_, own_from, own_to in chunk))
     return [{name: np.concatenate([parts[i, k][name] for k in range(len(c))]) for name in parts[i, 0]}
             for i, c in enumerate(cuts)]
 

@@ -24,7 +24,7 @@ from monitor.logscan.readers import Conversation, Skipped, detect, read_file, re
 from monitor.rules import parse_rule
 from monitor.samples import make_samples
 from probes.tokens import message_tokens
-from monitor.logscan.scan import (calibrated_thresholds, conversations, encode, finished, make_rules,
+from monitor.logscan.scan import (calibrated_thresholds, conversations, encode, finished, id_hash, make_rules,
                           margin, scan, scan_batch, spans)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,7 +290,7 @@ def test_resume_after_a_cut_at_any_byte_gives_the_same_file(reader, tmp_path):
         assert {k: again[k] for k in ("conversations", "messages", "tokens", "flags_per_rule", "skipped")} == \
                {k: summary[k] for k in ("conversations", "messages", "tokens", "flags_per_rule", "skipped")}
         assert again["this_run"]["conversations"] + again["this_run"]["already_done"] == summary["conversations"]
-    assert finished(ref) == {c.id for c in sample_conversations()}
+    assert finished(ref) == {id_hash(c.id) for c in sample_conversations()}
 
 
 def test_resume_refuses_other_settings(reader, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 def register(sub) -> None:
     from monitor.logscan.readers import FORMATS
-    from monitor.logscan.scan import DEFAULT_WATCH, SMOOTH
+    from monitor.logscan.scan import DEFAULT_WATCH, MAX_MESSAGE_TOKENS, SMOOTH
 
     p = sub.add_parser("scan", help="scan agent logs for risky emotional states")
     p.add_argument("logs", nargs="+", help="log files or directories (JSONL, JSON, .eval, text)")
@@ -30,6 +30,13 @@ def register(sub) -> None:
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     p.add_argument("--model", help="model name or directory (default: the bank's model)")
     p.add_argument("--device", help="torch device for the model (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="torch weights (default auto: bfloat16 where the device runs it natively, a GPU or a CPU "
+                        "with AMX/AVX512-BF16, ~2.6x faster on the default model with per-token Spearman 0.9997 "
+                        "against float32; else float32)")
+    p.add_argument("--max-message-tokens", type=int, default=MAX_MESSAGE_TOKENS,
+                   help="read at most this many tokens of each message (a tool dumping a log); the cut is noted in "
+                        f"the message's line (default {MAX_MESSAGE_TOKENS}; 0: no cap)")
     p.add_argument("--top", type=int, default=50, help="conversations shown in detail in the HTML report")
     p.add_argument("--no-detail", dest="detail", action="store_false",
                    help="leave out the per-token detail (token texts, series, top emotions) the HTML heat map needs; "
@@ -69,14 +76,19 @@ def run(args) -> int:
         summary = scan_on_ray(args.logs, args.run, args.out, backend=args.backend, model=args.model, device=args.device,
                               rules=rules, fmt=args.format, actors=args.actors, num_gpus=args.num_gpus,
                               shard_size=args.shard_size, address=args.address, overwrite=args.overwrite,
-                              detail=args.detail, progress=not args.quiet)
+                              detail=args.detail, progress=not args.quiet,
+                              scan_kwargs={"max_message_tokens": args.max_message_tokens or None}
+                              if hasattr(args, "max_message_tokens") else None,
+                              reader_kwargs={"dtype": args.dtype} if hasattr(args, "dtype") else None)
         args.out = str(Path(args.out) / "scan.jsonl")
     else:
         threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
-        factory = functools.partial(open_reader, args.run, args.backend, args.model, args.device, threads)
+        factory = functools.partial(open_reader, args.run, args.backend, args.model, args.device, threads,
+                                    dtype=args.dtype)
         reader = factory if args.workers > 1 else factory()
         summary = scan(args.logs, args.out, reader, bank=bank, rules=rules, fmt=args.format,
-                       workers=args.workers, progress=not args.quiet, overwrite=args.overwrite, detail=args.detail)
+                       workers=args.workers, progress=not args.quiet, overwrite=args.overwrite, detail=args.detail,
+                       max_message_tokens=args.max_message_tokens or None)
     print(format_summary(summary))
     print(f"\nwrote {args.out} and {summary_path(Path(args.out))}")
     if args.html:

@@ -9,6 +9,13 @@ Inspect eval logs (``.eval`` zips, whose members may be Zstandard-compressed, an
 
 ``read_logs`` yields ``Conversation``s and ``Skipped`` records (a malformed line, member or
 file with its location and the reason) in one stream, so nothing is dropped silently.
+
+Readers stream: JSONL is read line by line, ``.eval`` archives member by member (a cut or
+damaged archive is read from its members' local headers), OTel and whole-file JSON one file
+at a time, so memory holds one record, never the input. Any failure inside a record, from
+invalid UTF-8 to JSON nested too deep, skips that record only. Size limits keep one record
+from taking the machine: ``MAX_RECORD_BYTES`` per JSONL line or archive member,
+``MAX_DOCUMENT_BYTES`` per whole-file document; larger ones are reported, never read.
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+MAX_RECORD_BYTES = 64 << 20
+MAX_DOCUMENT_BYTES = 256 << 20
 FORMATS = ("openai", "anthropic", "inspect", "otel", "text")
 ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant",
          "ai": "assistant", "model": "assistant", "tool": "tool", "function": "tool", "ipython": "tool"}
@@ -172,9 +181,9 @@ def _is_anthropic(record: dict) -> bool:
     body = record.get("request", record) if isinstance(record.get("request"), dict) else record
     if "system" in body or record.get("type") == "message":
         return True
-    for m in body.get("messages") or []:
-        for b in (m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), list) else []):
-            if isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result", "thinking"):
+    for m in _dicts(body.get("messages")):
+        for b in _dicts(m.get("content")):
+            if b.get("type") in ("tool_use", "tool_result", "thinking"):
                 return True
     return False
 
@@ -185,6 +194,8 @@ ZSTD = 93  # zip method id of Zstandard; Python's zipfile (before 3.14) cannot r
 
 def zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     """Bytes of a zip member, Zstandard (method 93) included."""
+    if info.file_size > MAX_RECORD_BYTES:
+        raise LogFormatError(f"{info.filename}: member of {info.file_size} bytes is over the {MAX_RECORD_BYTES}-byte limit")
     if info.compress_type != ZSTD:
         return zf.read(info)
     import zstandard
@@ -228,11 +239,21 @@ def _sample_id(sample: dict, fallback: str) -> str:
     return f"{sid}/epoch{sample['epoch']}" if "epoch" in sample else str(sid)
 
 
+def _sample(data: bytes, where: str, fallback: str, name: str) -> Conversation | Skipped:
+    try:
+        sample = json.loads(data)
+        if not isinstance(sample, dict):
+            raise LogFormatError("sample is not a JSON object")
+        return Conversation(f"{name}#{_sample_id(sample, fallback)}", inspect_messages(sample), where)
+    except Exception as e:  # one bad sample, whatever is wrong with it, skips that sample only
+        return Skipped(where, _why(e))
+
+
 def read_inspect_eval(path: Path, name: str) -> Iterator[Conversation | Skipped]:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        yield Skipped(name, f"not a readable .eval zip ({e})")
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        yield from _salvage_eval(path, name, e)
         return
     with zf:
         members = sorted((i for i in zf.infolist() if re.fullmatch(r"samples/[^/]+\.json", i.filename)),
@@ -242,12 +263,68 @@ def read_inspect_eval(path: Path, name: str) -> Iterator[Conversation | Skipped]
         for info in members:
             where = f"{name}!{info.filename}"
             try:
-                sample = json.loads(zip_member(zf, info))
-                if not isinstance(sample, dict):
-                    raise LogFormatError("sample is not a JSON object")
-                yield Conversation(f"{name}#{_sample_id(sample, Path(info.filename).stem)}", inspect_messages(sample), where)
-            except (ValueError, OSError, zipfile.BadZipFile, KeyError, NotImplementedError) as e:
+                data = zip_member(zf, info)
+            except Exception as e:
                 yield Skipped(where, _why(e))
+                continue
+            yield _sample(data, where, Path(info.filename).stem, name)
+
+
+def local_members(f) -> Iterator[tuple[str, bytes | Exception]]:
+    """(member name, bytes or the reason it is unreadable) of a zip read front to back from
+    its local headers, for an archive whose central directory (at its end) is cut off or
+    damaged. Stops at the first member it cannot get past."""
+    while True:
+        head = f.read(30)
+        if len(head) < 30 or head[:4] != b"PK\x03\x04":
+            return
+        _, flags, method, _, _, crc, csize, usize, nlen, xlen = struct.unpack("<HHHHHIIIHH", head[4:30])
+        member = f.read(nlen).decode("utf-8", "replace")
+        f.seek(xlen, 1)
+        if flags & 0x08 or csize == 0xFFFFFFFF:
+            yield member, LogFormatError("sizes kept in a data descriptor or zip64 record: cannot read past this member")
+            return
+        if usize > MAX_RECORD_BYTES or csize > MAX_RECORD_BYTES:
+            yield member, LogFormatError(f"member of {max(usize, csize)} bytes is over the {MAX_RECORD_BYTES}-byte limit")
+            f.seek(csize, 1)
+            continue
+        raw = f.read(csize)
+        if len(raw) < csize:
+            yield member, LogFormatError("cut short: the archive ends inside this member")
+            return
+        try:
+            if method == 0:
+                data = raw
+            elif method == 8:
+                import zlib
+
+                d = zlib.decompressobj(-15)
+                data = d.decompress(raw, usize + 1)
+            elif method == ZSTD:
+                import zstandard
+
+                data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=usize)
+            else:
+                raise LogFormatError(f"unsupported compression method {method}")
+            if len(data) != usize or zipfile.crc32(data) != crc:
+                raise LogFormatError("corrupt member (size or CRC mismatch)")
+        except Exception as e:
+            yield member, e
+            continue
+        yield member, data
+
+
+def _salvage_eval(path: Path, name: str, error: Exception) -> Iterator[Conversation | Skipped]:
+    found = 0
+    with open(path, "rb") as f:
+        for member, data in local_members(f):
+            if not re.fullmatch(r"samples/[^/]+\.json", member):
+                continue
+            found += 1
+            where = f"{name}!{member}"
+            yield Skipped(where, _why(data)) if isinstance(data, Exception) else _sample(data, where, Path(member).stem, name)
+    yield Skipped(name, f"damaged .eval zip ({error}): {found} sample member(s) read from their local headers"
+                  if found else f"not a readable .eval zip ({error})")
 
 
 def read_inspect_json(doc: dict, name: str) -> Iterator[Conversation | Skipped]:
@@ -261,7 +338,7 @@ def read_inspect_json(doc: dict, name: str) -> Iterator[Conversation | Skipped]:
             if not isinstance(sample, dict):
                 raise LogFormatError("sample is not a JSON object")
             yield Conversation(f"{name}#{_sample_id(sample, str(k))}", inspect_messages(sample), where)
-        except ValueError as e:
+        except Exception as e:
             yield Skipped(where, _why(e))
 
 
@@ -284,18 +361,25 @@ def span_attributes(span: dict) -> dict:
     attrs = span.get("attributes") or {}
     if isinstance(attrs, list):  # OTLP: [{"key": ..., "value": {...}}]
         attrs = {a.get("key"): _attr_value(a.get("value")) for a in attrs if isinstance(a, dict)}
-    return attrs
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def _dicts(x) -> list[dict]:
+    return [d for d in x if isinstance(d, dict)] if isinstance(x, list) else []
 
 
 def _spans(doc) -> list[dict]:
+    """Every span object of an OTel export, in any of its shapes (anything else is passed over)."""
     if isinstance(doc, list):
-        return [s for d in doc for s in _spans(d)] if any(isinstance(d, dict) and "resourceSpans" in d for d in doc) \
-            else [d for d in doc if isinstance(d, dict)]
+        return [s for d in _dicts(doc) for s in _spans(d)] if any("resourceSpans" in d for d in _dicts(doc)) \
+            else _dicts(doc)
+    if not isinstance(doc, dict):
+        return []
     if "resourceSpans" in doc:
-        return [s for rs in doc["resourceSpans"] for ss in rs.get("scopeSpans", rs.get("instrumentationLibrarySpans", []))
-                for s in ss.get("spans", [])]
+        return [s for rs in _dicts(doc["resourceSpans"])
+                for ss in _dicts(rs.get("scopeSpans", rs.get("instrumentationLibrarySpans"))) for s in _dicts(ss.get("spans"))]
     if isinstance(doc.get("spans"), list):
-        return doc["spans"]
+        return _dicts(doc["spans"])
     return [doc]
 
 
@@ -332,19 +416,19 @@ def read_otel(doc, name: str) -> Iterator[Conversation | Skipped]:
     best: dict[str, tuple[int, list, str]] = {}
     genai = 0
     for k, span in enumerate(_spans(doc)):
-        attrs = span_attributes(span)
-        if not any(a in attrs for a in ("gen_ai.input.messages", "gen_ai.output.messages")):
-            continue
-        genai += 1
         where = f"{name}:span[{k}]"
         try:
+            attrs = span_attributes(span)
+            if not any(a in attrs for a in ("gen_ai.input.messages", "gen_ai.output.messages")):
+                continue
+            genai += 1
             msgs = otel_messages(attrs)
-        except ValueError as e:
+            ctx = span.get("context") if isinstance(span.get("context"), dict) else {}
+            group = str(attrs.get("gen_ai.conversation.id") or span.get("traceId") or ctx.get("trace_id")
+                        or span.get("spanId") or ctx.get("span_id") or k)
+        except Exception as e:
             yield Skipped(where, _why(e))
             continue
-        ctx = span.get("context") or {}
-        group = str(attrs.get("gen_ai.conversation.id") or span.get("traceId") or ctx.get("trace_id")
-                    or span.get("spanId") or ctx.get("span_id") or k)
         if group not in best or len(msgs) >= best[group][0]:
             best[group] = (len(msgs), msgs, where)
     if not genai:
@@ -357,7 +441,7 @@ def _is_otel(doc) -> bool:
     if isinstance(doc, dict) and "resourceSpans" in doc:
         return True
     spans = _spans(doc) if isinstance(doc, (dict, list)) else []
-    return any(k.startswith("gen_ai.") for s in spans[:50] for k in span_attributes(s))
+    return any(isinstance(k, str) and k.startswith("gen_ai.") for s in spans[:50] for k in span_attributes(s))
 
 
 # -- plain text -------------------------------------------------------------------------
@@ -377,27 +461,80 @@ def text_messages(text: str) -> list[dict]:
 
 # -- files and detection ----------------------------------------------------------------
 def _why(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply"
+    if isinstance(e, UnicodeDecodeError):
+        return f"invalid UTF-8 at byte {e.start}"
     return f"{type(e).__name__}: {e}" if not isinstance(e, LogFormatError) else str(e)
 
 
+def _lines(f) -> Iterator[tuple[int, bytes | LogFormatError]]:
+    """(line number, bytes) of a binary file, one line at a time; a line over
+    MAX_RECORD_BYTES is read past in pieces, never held, and given as its error."""
+    n = 0
+    while True:
+        raw = f.readline(MAX_RECORD_BYTES + 1)
+        if not raw:
+            return
+        n += 1
+        if len(raw) > MAX_RECORD_BYTES:
+            size = len(raw)
+            while raw and not raw.endswith(b"\n"):
+                raw = f.readline(1 << 20)
+                size += len(raw)
+            yield n, LogFormatError(f"line of {size} bytes is over the {MAX_RECORD_BYTES}-byte record limit")
+        else:
+            yield n, raw
+
+
+def _first_record(path: Path) -> tuple[bytes, bool]:
+    """The first non-blank line (up to MAX_RECORD_BYTES) and whether anything follows it."""
+    with open(path, "rb") as f:
+        for _, raw in _lines(f):
+            if isinstance(raw, Exception):
+                return b"", True
+            if raw.strip():
+                return raw, bool(f.read(1 << 16).strip())
+    return b"", False
+
+
+def _parse(raw: bytes):
+    """A JSON value from raw bytes, or None when they are not one."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+
+
+def read_document(path: Path, errors: str = "strict") -> str:
+    """A whole file as text, refused past MAX_DOCUMENT_BYTES (a JSON document or a text
+    transcript is one record; logs that big belong in JSONL, which streams)."""
+    size = path.stat().st_size
+    if size > MAX_DOCUMENT_BYTES:
+        raise LogFormatError(f"a single {size}-byte document is over the {MAX_DOCUMENT_BYTES}-byte limit "
+                             "(write big logs as JSONL, one conversation per line)")
+    return path.read_bytes().decode("utf-8", errors)
+
+
 def detect(path: Path) -> str:
-    """The format of a file, from its extension and first bytes."""
+    """The format of a file, from its extension and first record."""
     suffix = path.suffix.lower()
     with open(path, "rb") as f:
-        head = f.read(1 << 16)
-    if suffix == ".eval" or head[:4] == b"PK\x03\x04":
+        magic = f.read(4)
+    jsonl = suffix in (".jsonl", ".ndjson")
+    if suffix == ".eval" or (magic == b"PK\x03\x04" and not jsonl):
         return "inspect"
-    if suffix in (".txt", ".md", ".log") or head.lstrip()[:1] not in (b"{", b"["):
+    first, _ = _first_record(path)
+    doc = _parse(first)  # JSONL: decide from the first record
+    if jsonl:  # never text or a zip: a bad first line is that line's problem, reported alone
+        return "anthropic" if isinstance(doc, dict) and _is_anthropic(doc) else "openai"
+    if suffix in (".txt", ".md", ".log") or first.lstrip()[:1] not in (b"{", b"["):
         return "text"
-    text = head.decode("utf-8", errors="replace")
-    first = next((ln for ln in text.splitlines() if ln.strip()), "")
-    try:
-        doc = json.loads(first)  # JSONL: decide from the first record
-    except json.JSONDecodeError:
+    if not isinstance(doc, (dict, list)):
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return "openai"  # unreadable: the JSONL reader reports each bad line
+            doc = json.loads(read_document(path))  # a pretty-printed document
+        except (ValueError, RecursionError):
+            return "openai"  # unreadable as a whole: the JSONL reader reports each bad line
     if isinstance(doc, dict) and ("eval" in doc and ("samples" in doc or "version" in doc)):
         return "inspect"
     if _is_otel(doc):
@@ -406,30 +543,40 @@ def detect(path: Path) -> str:
     return "anthropic" if any(isinstance(r, dict) and _is_anthropic(r) for r in records[:20]) else "openai"
 
 
-def _chat_records(path: Path, name: str) -> Iterator[tuple[str, str, dict | Skipped]]:
-    """(local id, location, record) of a chat JSONL file, a JSON list or one JSON object."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() in (".jsonl", ".ndjson"):
-            raise json.JSONDecodeError("JSON lines", "", 0)
-        doc = json.loads(text)
-        records = doc if isinstance(doc, list) else [doc]
-        for k, r in enumerate(records):
-            where = f"{name}:[{k}]" if isinstance(doc, list) else name
-            yield (str(r.get("id", k)) if isinstance(r, dict) else str(k)), where, r
-        return
-    except json.JSONDecodeError:
-        pass
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{name}:{n}"
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield str(n), where, Skipped(where, f"invalid JSON ({e.msg} at column {e.colno})")
-            continue
-        yield (str(r.get("id", f"line{n}")) if isinstance(r, dict) else str(n)), where, r
+def _chat_records(path: Path, name: str) -> Iterator[tuple[str, str, object]]:
+    """(local id, location, record or the error that spoiled it) of a chat file: JSON lines
+    (read one at a time), else one JSON document (a list of records or one record)."""
+    if path.suffix.lower() not in (".jsonl", ".ndjson"):
+        first, more = _first_record(path)
+        doc = None
+        if not (more and _parse(first) is not None):  # not JSON lines: one document
+            try:
+                doc = json.loads(read_document(path))  # a document over the size limit is refused whole
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                doc = None  # read it as lines, so each bad line is reported
+        if doc is not None:
+            records = doc if isinstance(doc, list) else [doc]
+            for k, r in enumerate(records):
+                where = f"{name}:[{k}]" if isinstance(doc, list) else name
+                yield (str(r.get("id", k)) if isinstance(r, dict) else str(k)), where, r
+            return
+    with open(path, "rb") as f:
+        for n, raw in _lines(f):
+            where = f"{name}:{n}"
+            if isinstance(raw, Exception):
+                yield str(n), where, raw
+                continue
+            if not raw.strip():
+                continue
+            try:
+                r = json.loads(raw.decode("utf-8"))
+            except json.JSONDecodeError as e:
+                yield str(n), where, LogFormatError(f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            except (ValueError, RecursionError) as e:
+                yield str(n), where, e
+                continue
+            yield (str(r.get("id", f"line{n}")) if isinstance(r, dict) else str(n)), where, r
 
 
 def read_file(path: str | Path, fmt: str | None = None) -> Iterator[Conversation | Skipped]:
@@ -447,17 +594,17 @@ def read_file(path: str | Path, fmt: str | None = None) -> Iterator[Conversation
     try:
         if fmt == "inspect" and (path.suffix.lower() == ".eval" or zipfile.is_zipfile(path)):
             yield from read_inspect_eval(path, name)
-        elif fmt == "text":
-            msgs = text_messages(path.read_text(encoding="utf-8"))
+        elif fmt == "text":  # one conversation: a bad byte is replaced, not worth losing the transcript
+            msgs = text_messages(read_document(path, errors="replace"))
             yield Conversation(name, msgs, name) if msgs else Skipped(name, "empty text file")
         elif fmt in ("inspect", "otel"):
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = json.loads(read_document(path))
             if fmt == "inspect" and not isinstance(doc, dict):
                 raise LogFormatError("an Inspect .json log must be one JSON object")
             yield from (read_inspect_json if fmt == "inspect" else read_otel)(doc, name)
         else:
             yield from _read_chat(path, name, fmt if forced else None)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, LogFormatError) as e:
+    except Exception as e:  # whatever is wrong with the file skips the rest of that file only
         yield Skipped(name, _why(e))
 
 
@@ -465,20 +612,20 @@ def _read_chat(path: Path, name: str, fmt: str | None) -> Iterator[Conversation 
     """OpenAI or Anthropic records; without ``fmt``, decided per record (a file may mix them)."""
     seen: set[str] = set()
     for local, where, record in _chat_records(path, name):
-        if isinstance(record, Skipped):
-            yield record
+        if isinstance(record, Exception):
+            yield Skipped(where, _why(record))
             continue
         try:
             if not isinstance(record, dict):
                 raise LogFormatError("record is not a JSON object")
             anthropic = fmt == "anthropic" if fmt else _is_anthropic(record)
             msgs = (anthropic_messages if anthropic else openai_messages)(record)
-        except (LogFormatError, TypeError, AttributeError) as e:
-            yield Skipped(where, _why(e) if isinstance(e, LogFormatError) else f"malformed record ({e})")
+            cid = f"{name}#{local}" if local not in seen else f"{name}#{local}@{where.rsplit(':', 1)[-1]}"
+            meta = {k: record[k] for k in ("metadata",) if k in record}
+        except Exception as e:  # one bad record, whatever is wrong with it, skips that record only
+            yield Skipped(where, _why(e) if isinstance(e, LogFormatError) else f"malformed record ({_why(e)})")
             continue
-        cid = f"{name}#{local}" if local not in seen else f"{name}#{local}@{where.rsplit(':', 1)[-1]}"
         seen.add(local)
-        meta = {k: record[k] for k in ("metadata",) if k in record}
         yield Conversation(cid, msgs, where, meta)
 
 

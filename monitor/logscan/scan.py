@@ -9,10 +9,15 @@ at a time, grouped by length so that padding stays cheap.
 Output (``--out scan.jsonl``) is one line per message, appended one whole conversation at a
 time and flushed, so a killed scan loses nothing: on restart the partial tail (if any) is
 cut, finished conversations are skipped, and no line is ever written twice.
+
+Memory stays flat in the input's size: logs are streamed (``readers``), conversations are
+read a batch at a time, and the summary keeps running totals and the top conversations
+only. What grows is one 8-byte hash per conversation id (duplicates and resume).
 """
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import sys
@@ -35,6 +40,7 @@ SMOOTH = 5  # watched emotions are read as a rolling mean over this many tokens:
 TOP = 3  # emotions kept per token for the report's hover
 FLAG_GAP = 2  # firing episodes this close (tokens) make one flag
 CONTEXT = 4  # tokens of context either side of a flag's snippet
+MAX_MESSAGE_TOKENS = 16384  # a message past this (a tool dumping a log) is read up to it, and the cut reported
 
 
 # -- rules (the parser and semantics are monitor.rules', shared with `emoprobe watch`) --------
@@ -120,14 +126,33 @@ class Encoded:
     ids: list[int]
     offsets: np.ndarray  # [tokens, 2] character offsets
     members: list[np.ndarray]  # token indices of each message
+    cuts: list[dict | None]  # per message: what a token cap cut off, else None
 
 
-def encode(tokenizer, conv: Conversation) -> Encoded:
+def cap_message(tokenizer, content: str, max_tokens: int | None) -> tuple[str, dict | None]:
+    """``content`` cut to about its first ``max_tokens`` tokens (tokenized alone, so the
+    chat's count may differ by a token at the edge), and a record of the cut."""
+    if not max_tokens or len(content.encode("utf-8")) < max_tokens:  # a token is at least one byte
+        return content, None
+    head = content[:max_tokens * 64]
+    offsets = tokenizer(head, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if len(offsets) <= max_tokens and len(head) < len(content):  # tokens longer than 64 characters: count them all
+        offsets = tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if len(offsets) <= max_tokens:
+        return content, None
+    end = offsets[max_tokens][0]
+    return content[:end], {"max_tokens": max_tokens, "chars_read": end, "chars": len(content)}
+
+
+def encode(tokenizer, conv: Conversation, max_message_tokens: int | None = MAX_MESSAGE_TOKENS) -> Encoded:
     """Render (``probes.tokens.render_chat``, as every reader does) and tokenize once,
-    keeping each token's character offsets."""
-    text, ids, offsets, members = encode_chat(tokenizer, conv.messages)
+    keeping each token's character offsets; each message first capped at
+    ``max_message_tokens`` (None: no cap)."""
+    capped = [cap_message(tokenizer, m["content"], max_message_tokens) for m in conv.messages]
+    msgs = [dict(m, content=c) for m, (c, _) in zip(conv.messages, capped)]
+    text, ids, offsets, members = encode_chat(tokenizer, msgs)
     return Encoded(conv, text, ids, np.asarray(offsets, dtype=np.int64).reshape(-1, 2),
-                   [np.asarray(m, dtype=np.int64) for m in members])
+                   [np.asarray(m, dtype=np.int64) for m in members], [cut for _, cut in capped])
 
 
 def _r(x, nd=3):
@@ -152,7 +177,8 @@ def conversation_lines(enc: Encoded, scores: np.ndarray, labels: list[str], rule
     lines, start = [], 0
     for i, (m, idx) in enumerate(zip(conv.messages, enc.members)):
         line = {"conversation": conv.id, "index": i, "n_messages": n, "role": m["role"], "id": m.get("id"),
-                "source": conv.source, "n_tokens": int(len(idx)), "scores": None, "peak": {}, "flags": [], "risk": None}
+                "source": conv.source, "n_tokens": int(len(idx)), "cut": enc.cuts[i], "scores": None, "peak": {},
+                "flags": [], "risk": None}
         sl = slice(start, start + len(idx))
         start += len(idx)
         if len(idx):
@@ -187,12 +213,13 @@ def _nanmax(x: np.ndarray) -> float:
     return float(np.nanmax(x)) if np.isfinite(x).any() else -np.inf
 
 
-def scan_batch(reader, convs: Sequence[Conversation], rules: Sequence[Rule], detail: bool = True
-               ) -> list[tuple[str, list[dict], int]]:
-    """(conversation id, output lines, tokens read) for each conversation of a batch."""
-    items = [encode(reader.tokenizer, c) for c in convs]
+def scan_batch(reader, convs: Sequence[Conversation], rules: Sequence[Rule], detail: bool = True,
+               max_message_tokens: int | None = MAX_MESSAGE_TOKENS, progress=None) -> list[tuple[str, list[dict], int]]:
+    """(conversation id, output lines, tokens read) for each conversation of a batch;
+    ``progress(n)`` hears of tokens as each forward batch finishes."""
+    items = [encode(reader.tokenizer, c, max_message_tokens) for c in convs]
     keep = [it for it in items if it.ids]
-    scores = dict(zip((id(it) for it in keep), reader.score_ids([it.ids for it in keep]))) if keep else {}
+    scores = dict(zip((id(it) for it in keep), reader.score_ids([it.ids for it in keep], progress))) if keep else {}
     out = []
     for it in items:
         s = scores.get(id(it), np.zeros((0, len(reader.labels)), np.float32))
@@ -201,10 +228,10 @@ def scan_batch(reader, convs: Sequence[Conversation], rules: Sequence[Rule], det
 
 
 # -- resumable output -------------------------------------------------------------------
-def finished(out: Path) -> set[str]:
-    """Conversations complete in ``out``. Cuts whatever follows the last complete one (a
-    conversation cut short by a kill) so that it is written again, whole, exactly once."""
-    done: set[str] = set()
+def finished(out: Path) -> set[int]:
+    """Conversations complete in ``out`` (as ``id_hash``es). Cuts whatever follows the last
+    complete one (a conversation cut short by a kill) so it is written again, whole, once."""
+    done: set[int] = set()
     if not out.exists():
         return done
     good_end = pos = 0
@@ -223,20 +250,26 @@ def finished(out: Path) -> set[str]:
                 if seen:  # a conversation ended without all its lines
                     break
                 current, seen = cid, 0
-            if idx != seen or cid in done:
+            if idx != seen or id_hash(cid) in done:
                 break
             seen += 1
             if seen == n:
-                done.add(cid)
+                done.add(id_hash(cid))
                 good_end, current, seen = pos, None, 0
         f.truncate(good_end)
     return done
 
 
-def _settings(bank, rules, detail) -> dict:
+def _settings(bank, rules, detail, max_message_tokens=MAX_MESSAGE_TOKENS) -> dict:
     ident = json.dumps([bank.labels, bank.layer, bank.model, bank.readout], sort_keys=True)
     return {"bank": hashlib.sha256(ident.encode()).hexdigest()[:16], "model": bank.model.get("name"),
-            "layer": bank.layer, "calibrated": bank.calibrated, "rules": [str(r) for r in rules], "detail": detail}
+            "layer": bank.layer, "calibrated": bank.calibrated, "rules": [str(r) for r in rules], "detail": detail,
+            "max_message_tokens": max_message_tokens}
+
+
+def id_hash(cid: str) -> int:
+    """8 bytes standing for a conversation id: what the scan keeps per conversation."""
+    return int.from_bytes(hashlib.blake2b(cid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 def summary_path(out: Path) -> Path:
@@ -259,25 +292,30 @@ def batches(items: Iterable[Conversation], max_chars: int = 120_000, max_convs: 
 _WORKER: dict = {}
 
 
-def _init_worker(factory, rules, detail, threads):
+def _init_worker(factory, rules, detail, threads, max_message_tokens):
     os.environ["OMP_NUM_THREADS"] = str(threads)  # before the factory imports torch
-    _WORKER.update(reader=factory(), rules=rules, detail=detail)
+    _WORKER.update(reader=factory(), rules=rules, detail=detail, max_message_tokens=max_message_tokens)
 
 
 def _work(convs):
-    return scan_batch(_WORKER["reader"], convs, _WORKER["rules"], _WORKER["detail"])
+    w = _WORKER
+    return scan_batch(w["reader"], convs, w["rules"], w["detail"], w["max_message_tokens"])
 
 
 # -- the scan ---------------------------------------------------------------------------
 def scan(paths: Sequence[str | Path], out: str | Path, reader, *, bank=None, rules: Sequence[Rule] | None = None,
          fmt: str | None = None, workers: int = 1, progress: bool = True,
-         overwrite: bool = False, detail: bool = True, max_chars: int = 120_000) -> dict:
+         overwrite: bool = False, detail: bool = True, max_chars: int = 120_000,
+         max_message_tokens: int | None = MAX_MESSAGE_TOKENS) -> dict:
     """Scan log files into ``out`` (JSONL, one line per message) and return the summary,
     also written to ``<out stem>.summary.json``.
 
     ``reader`` is a reader (``probes.reader.BaseReader``) or, for ``workers > 1``, a
     picklable zero-argument factory that builds one in each worker process. ``bank``
-    defaults to the reader's; ``rules`` default to ``make_rules(bank)``."""
+    defaults to the reader's; ``rules`` default to ``make_rules(bank)``; each message is
+    read up to ``max_message_tokens`` (None: whole), the cut noted in its line."""
+    if max_message_tokens is not None and max_message_tokens < 1:
+        raise ValueError(f"max_message_tokens must be at least 1 (or None), got {max_message_tokens}")
     out = Path(out)
     factory = None if hasattr(reader, "score_ids") else reader
     if factory is not None and workers <= 1:
@@ -286,7 +324,7 @@ def scan(paths: Sequence[str | Path], out: str | Path, reader, *, bank=None, rul
     if bank is None:
         raise ValueError("scan needs the probe bank (pass bank=... with a reader factory)")
     rules = list(make_rules(bank) if rules is None else rules)
-    settings = _settings(bank, rules, detail)
+    settings = _settings(bank, rules, detail, max_message_tokens)
     spath = summary_path(out)
     if overwrite:
         out.unlink(missing_ok=True)
@@ -302,18 +340,20 @@ def scan(paths: Sequence[str | Path], out: str | Path, reader, *, bank=None, rul
     spath.write_text(json.dumps({"status": "running", "settings": settings}, indent=1))
 
     skipped: list[dict] = []
-    seen: set[str] = set()
+    seen: set[int] = set()
 
     def todo():
         for item in read_logs(paths, fmt):
             if isinstance(item, Skipped):
                 skipped.append({"source": item.source, "reason": item.reason})
                 print(f"emoprobe scan: skipped {item.source}: {item.reason}", file=sys.stderr)
-            elif item.id in seen:
+                continue
+            key = id_hash(item.id)
+            if key in seen:
                 skipped.append({"source": item.source, "reason": f"duplicate conversation id {item.id}"})
             else:
-                seen.add(item.id)
-                if item.id not in done:
+                seen.add(key)
+                if key not in done:
                     yield item
 
     from tqdm import tqdm
@@ -321,23 +361,25 @@ def scan(paths: Sequence[str | Path], out: str | Path, reader, *, bank=None, rul
     bar = tqdm(unit="tok", unit_scale=True, desc="scan", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     t0, n_tok, n_conv = time.perf_counter(), 0, 0
     with open(out, "a", encoding="utf-8") as f:
-        def write(results):
+        def write(results, counted=False):
             nonlocal n_tok, n_conv
             for _, lines, n in results:
                 f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
                 f.flush()
                 n_tok, n_conv = n_tok + n, n_conv + 1
-                bar.update(n)
+                if not counted:
+                    bar.update(n)
                 bar.set_postfix(conv=n_conv, refresh=False)
 
-        if factory is None:
+        if factory is None:  # the bar moves with each forward batch, so a long message shows progress
             for batch in batches(todo(), max_chars):
-                write(scan_batch(reader, batch, rules, detail))
+                write(scan_batch(reader, batch, rules, detail, max_message_tokens, bar.update), counted=True)
         else:
             import multiprocessing as mp
 
             threads = max(1, (os.cpu_count() or 1) // workers)
-            with mp.get_context("spawn").Pool(workers, _init_worker, (factory, rules, detail, threads)) as pool:
+            with mp.get_context("spawn").Pool(workers, _init_worker, (factory, rules, detail, threads,
+                                                                      max_message_tokens)) as pool:
                 pending: deque = deque()
                 for batch in batches(todo(), max_chars):
                     pending.append(pool.apply_async(_work, (batch,)))
@@ -381,23 +423,31 @@ def conversation_stats(cid: str, lines: list[dict]) -> dict:
             "risk": max(risks) if risks else None, "source": lines[0].get("source")}
 
 
+def rank_key(s: dict) -> tuple:
+    """Larger is more at risk: flagged before the rest, then how far past a threshold."""
+    return s["flags"] > 0, s["risk"] if s["risk"] is not None else -1e9
+
+
 def rank(stats: list[dict]) -> list[dict]:
-    """Most at risk first: flagged conversations before the rest, then by how far past a
-    threshold they went."""
-    return sorted(stats, key=lambda s: (s["flags"] == 0, -(s["risk"] if s["risk"] is not None else -1e9)))
+    """Most at risk first (ties keep their order)."""
+    return sorted(stats, key=rank_key, reverse=True)
 
 
 def summarize(out: Path, skipped: list[dict], settings: dict, top: int = 10) -> dict:
-    """Totals over the whole output file (so a resumed scan summarizes everything)."""
-    stats = [conversation_stats(cid, lines) for cid, lines in conversations(out)]
-    per_rule = Counter()
-    for s in stats:
+    """Totals over the whole output file (so a resumed scan summarizes everything), in one
+    pass holding running totals and the ``top`` most at risk only."""
+    per_rule, n = Counter(), Counter()
+    heap: list = []  # the top conversations by rank, worst at heap[0]
+    for k, (cid, lines) in enumerate(conversations(out)):
+        s = conversation_stats(cid, lines)
         per_rule.update(s["by_rule"])
-    ranked = rank(stats)
-    return {"status": "complete", "out": str(out), "settings": settings, "conversations": len(stats),
-            "messages": sum(s["messages"] for s in stats), "tokens": sum(s["tokens"] for s in stats),
-            "flagged_conversations": sum(s["flags"] > 0 for s in stats), "flags_per_rule": dict(per_rule.most_common()),
-            "skipped": skipped, "most_flagged": ranked[:top]}
+        n.update(conversations=1, messages=s["messages"], tokens=s["tokens"], flagged=s["flags"] > 0)
+        key = (rank_key(s), -k)
+        (heapq.heappush if len(heap) < top else heapq.heappushpop)(heap, (key, s))
+    return {"status": "complete", "out": str(out), "settings": settings, "conversations": n["conversations"],
+            "messages": n["messages"], "tokens": n["tokens"], "flagged_conversations": n["flagged"],
+            "flags_per_rule": dict(per_rule.most_common()), "skipped": skipped,
+            "most_flagged": [s for _, s in sorted(heap, key=lambda x: x[0], reverse=True)]}
 
 
 def format_summary(summary: dict) -> str:
