@@ -19,6 +19,7 @@ writes, byte for byte in format, so ``--html`` and ``report.py`` read them uncha
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -81,12 +82,13 @@ class Scorer:
     each batch scored by the local scan's ``scan_batch``. ``faults`` is for the tests: a
     ``fail_once`` marker file (whoever removes it dies mid-batch) and a ``delay`` per batch."""
 
-    def __init__(self, run, backend, model, device, threads, rules, detail, scan_kwargs, faults=None):
+    def __init__(self, run, backend, model, device, threads, rules, detail, scan_kwargs, reader_kwargs=None, faults=None):
         os.environ["OMP_NUM_THREADS"] = str(threads)
         from monitor.runs import open_reader
 
-        self.reader = open_reader(run, backend, model, device, threads)
+        self.reader = open_reader(run, backend, model, device, threads, **(reader_kwargs or {}))
         self.rules, self.detail, self.kw, self.faults = rules, detail, scan_kwargs or {}, faults or {}
+        self.loaded_mb = _peak_rss_mb()  # the process with torch, the model and the bank
 
     def __call__(self, batch: dict) -> dict:
         convs = [Conversation(**json.loads(c)) for c in batch["conv"]]
@@ -98,10 +100,19 @@ class Scorer:
             except FileNotFoundError:
                 pass
         time.sleep(self.faults.get("delay", 0))
+        t0 = time.perf_counter()
         results = scan_batch(self.reader, convs, self.rules, self.detail, **self.kw)
+        busy = (time.perf_counter() - t0) / max(len(convs), 1)  # the actor's own time, for per-actor throughput
         return {"shard": batch["shard"], "pos": batch["pos"],
                 "lines": [("".join(json.dumps(ln, ensure_ascii=False) + "\n" for ln in lines)) for _, lines, _ in results],
-                "tokens": [n for _, _, n in results]}
+                "tokens": [n for _, _, n in results], "seconds": [busy] * len(results),
+                "rss_loaded_mb": [self.loaded_mb] * len(results), "rss_peak_mb": [_peak_rss_mb()] * len(results)}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _cpus_per_actor(ray, actors: int) -> int:
@@ -116,12 +127,13 @@ def scan_on_ray(paths: Sequence[str | Path], run: str | Path, out_dir: str | Pat
                 actors: int = 1, cpus_per_actor: int | None = None, num_gpus: float = 0,
                 shard_size: int = SHARD_SIZE, batch_size: int = BATCH_SIZE, address: str | None = None,
                 overwrite: bool = False, detail: bool = True, progress: bool = True, max_retries: int = 3,
-                scan_kwargs: dict | None = None, _faults: dict | None = None) -> dict:
+                scan_kwargs: dict | None = None, reader_kwargs: dict | None = None, _faults: dict | None = None) -> dict:
     """Scan log files on Ray into ``out_dir`` and return the summary (the local scan's, with
     ``this_run.engine = "ray"``). Each of ``actors`` actors opens ``run`` itself
     (``open_reader(run, backend, model, device, threads)``), so the run directory and the
     model must be readable at the same path on every node. ``scan_kwargs`` go to
-    ``scan_batch`` unchanged. A dead actor is restarted and its batch retried up to
+    ``scan_batch`` unchanged (and into the settings, as the local scan's), ``reader_kwargs``
+    to ``open_reader``. A dead actor is restarted and its batch retried up to
     ``max_retries`` times. Uses the connected Ray if there is one, else ``ray.init(address)``."""
     try:
         import ray
@@ -134,8 +146,10 @@ def scan_on_ray(paths: Sequence[str | Path], run: str | Path, out_dir: str | Pat
         raise ValueError("actors, shard size and batch size must be at least 1")
     bank = ProbeBank.load(run)
     rules = list(make_rules(bank) if rules is None else rules)
-    settings = _settings(bank, rules, detail)
-    key = {"settings": settings, "scan_kwargs": scan_kwargs or {}, "shard_size": shard_size, "format": fmt}
+    takes = inspect.signature(_settings).parameters  # the scan options the local scan records
+    settings = _settings(bank, rules, detail, **{k: v for k, v in (scan_kwargs or {}).items() if k in takes})
+    key = {"settings": settings, "scan_kwargs": scan_kwargs or {}, "reader_kwargs": reader_kwargs or {},
+           "shard_size": shard_size, "format": fmt}
     out_dir = Path(out_dir)
     shard_dir, mpath, out = out_dir / "shards", out_dir / "manifest.json", out_dir / "scan.jsonl"
     if overwrite:
@@ -149,11 +163,12 @@ def scan_on_ray(paths: Sequence[str | Path], run: str | Path, out_dir: str | Pat
 
     skipped: list[dict] = []
     shards = read_shards(paths, fmt, shard_size, skipped)
+    digests = [_digest([c.id for c in convs]) for convs in shards]
     todo, already = [], 0
     for k, convs in enumerate(shards):
         got = manifest["shards"].get(str(k))
         if got and (shard_dir / f"{k:05d}.jsonl").exists():
-            if got["ids"] != _digest([c.id for c in convs]):
+            if got["ids"] != digests[k]:
                 raise ValueError(f"the logs changed since {out_dir} was started (shard {k} holds other conversations); "
                                  "use another --out or --overwrite")
             already += len(convs)
@@ -165,10 +180,10 @@ def scan_on_ray(paths: Sequence[str | Path], run: str | Path, out_dir: str | Pat
     def record(k: int, texts: list[str], tokens: int) -> None:
         _atomic_write(shard_dir / f"{k:05d}.jsonl", texts)
         manifest["shards"][str(k)] = {"conversations": len(texts), "lines": sum(t.count("\n") for t in texts),
-                                      "tokens": tokens, "ids": _digest([c.id for c in shards[k]])}
+                                      "tokens": tokens, "ids": digests[k]}
         _atomic_write(mpath, [json.dumps(manifest, indent=1)])
 
-    t0, n_tok, n_conv = time.perf_counter(), 0, 0
+    t0, n_tok, n_conv, busy, rss = time.perf_counter(), 0, 0, 0.0, [0.0, 0.0]
     started = False
     if todo:
         if not ray.is_initialized():
@@ -181,26 +196,30 @@ def scan_on_ray(paths: Sequence[str | Path], run: str | Path, out_dir: str | Pat
         cpus = cpus_per_actor or _cpus_per_actor(ray, actors)
         rows = [{"shard": k, "pos": i, "conv": json.dumps(vars(c), ensure_ascii=False, default=str)}
                 for k in todo for i, c in enumerate(shards[k])]
+        shards = [len(c) for c in shards]  # the driver keeps counts; the texts are in the object store
         with warnings.catch_warnings():  # Ray 2.60 names no parameter for these yet (default: retry forever)
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
             ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 200))).map_batches(
                 Scorer, batch_size=batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=num_gpus or None,
                 fn_constructor_kwargs=dict(run=str(run), backend=backend, model=model, device=device, threads=cpus,
-                                           rules=rules, detail=detail, scan_kwargs=scan_kwargs, faults=_faults),
+                                           rules=rules, detail=detail, scan_kwargs=scan_kwargs,
+                                           reader_kwargs=reader_kwargs, faults=_faults),
                 max_restarts=max_retries, max_task_retries=max_retries)
         del rows
         bar = tqdm(unit="tok", unit_scale=True, desc="scan (ray)", disable=not progress, file=sys.stderr, dynamic_ncols=True)
         waiting: dict[int, dict[int, tuple[str, int]]] = {k: {} for k in todo}
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            busy += float(b["seconds"].sum())
+            rss = [max(rss[0], float(b["rss_loaded_mb"].max())), max(rss[1], float(b["rss_peak_mb"].max()))]
             for k, i, text, n in zip(b["shard"], b["pos"], b["lines"], b["tokens"]):
                 k = int(k)
                 waiting[k][int(i)] = (str(text), int(n))
                 n_tok, n_conv = n_tok + int(n), n_conv + 1
                 bar.update(int(n))
-                if len(waiting[k]) == len(shards[k]):
+                if len(waiting[k]) == shards[k]:
                     done = waiting.pop(k)
-                    record(k, [done[j][0] for j in range(len(shards[k]))], sum(v[1] for v in done.values()))
+                    record(k, [done[j][0] for j in range(shards[k])], sum(v[1] for v in done.values()))
         bar.close()
         if waiting:
             raise RuntimeError(f"Ray returned no result for shards {sorted(waiting)}; run the scan again to resume")
@@ -213,6 +232,8 @@ def scan_on_ray(paths: Sequence[str | Path], run: str | Path, out_dir: str | Pat
     summary["this_run"] = {"conversations": n_conv, "tokens": n_tok, "seconds": round(seconds, 2),
                            "tokens_per_s": round(n_tok / seconds, 1) if seconds > 0 else None,
                            "already_done": already, "workers": actors, "engine": "ray", "shards": len(shards),
-                           "shards_already_done": len(shards) - len(todo)}
+                           "shards_already_done": len(shards) - len(todo), "actor_seconds": round(busy, 2),
+                           "tokens_per_actor_s": round(n_tok / busy, 1) if busy > 0 else None,
+                           "actor_rss_mb": {"loaded": round(rss[0]), "peak": round(rss[1])}}
     summary_path(out).write_text(json.dumps(summary, indent=1))
     return summary
