@@ -117,12 +117,12 @@ class Engine:
     """The model, its monitor and the one thread that runs every ``generate()``.
 
     ``max_tokens`` is both the default and the most a request may ask for; ``max_batch``
-    caps the rows of one call; ``batch_window`` (seconds) is how long the loop waits for
-    more requests to join a batch, only once it has seen concurrent requests."""
+    caps the rows of one call; ``batch_window`` (seconds) is the longest the loop waits
+    for requests to fill a batch as large as the last one (see ``_take``)."""
 
     def __init__(self, model, tokenizer, bank, *, name: str | None = None, alerts=(), stop_on=(),
                  log_dir: str | Path | None = None, max_tokens: int = 512, max_batch: int = 8,
-                 batch_window: float = 0.02, registry=None):
+                 batch_window: float = 0.1, registry=None):
         self.model, self.tok = model, tokenizer
         self.monitor = EmotionMonitor(model, bank, tokenizer)
         self.labels = self.monitor.labels
@@ -149,7 +149,7 @@ class Engine:
         self._cond = threading.Condition()
         self._tok_lock = threading.Lock()  # handlers encode while the loop decodes
         self._thread: threading.Thread | None = None
-        self._closed, self._last_batch = False, 1
+        self._closed, self._last_batch, self._running = False, 1, []
 
     # -- the queue -------------------------------------------------------------------
     def start(self) -> None:
@@ -162,6 +162,8 @@ class Engine:
             self._closed = True
             left, self._pending = self._pending, []
             self._cond.notify_all()
+        for job in self._running:  # end the call in progress at its next token
+            job.cancel.set()
         for job in left:
             job.emit("error", APIError(503, "the server is shutting down"))
         if self._thread is not None:
@@ -176,16 +178,22 @@ class Engine:
             self._cond.notify()
 
     def _take(self) -> list[Job] | None:
-        """The next batch: the oldest request and the queued ones with its settings."""
+        """The next batch: the oldest request and the queued ones with its settings. After
+        a batch of k, wait (up to ``batch_window``) until k such requests are queued: the
+        clients just answered are sending their next ones."""
         with self._cond:
             while not self._pending and not self._closed:
                 self._cond.wait()
+            want = min(self._last_batch, self.max_batch)
+
+            def ready():
+                first = self._pending[0].settings if self._pending else None
+                return self._closed or sum(j.settings == first for j in self._pending) >= want
+
+            if want > 1 and self.batch_window > 0:
+                self._cond.wait_for(ready, timeout=self.batch_window)
             if self._closed:
                 return None
-            concurrent = self._last_batch > 1 or len(self._pending) > 1
-        if concurrent and self.max_batch > 1 and self.batch_window > 0:
-            time.sleep(self.batch_window)  # let the other clients' next requests arrive
-        with self._cond:
             first = self._pending[0].settings
             batch = [j for j in self._pending if j.settings == first][: self.max_batch]
             self._pending = [j for j in self._pending if all(j is not b for b in batch)]
@@ -198,8 +206,10 @@ class Engine:
 
     def _loop(self) -> None:
         while (jobs := self._take()) is not None:
+            self._running = jobs
             if jobs:
                 self._run(jobs)
+            self._running = []
 
     # -- tokens ----------------------------------------------------------------------
     def encode(self, messages: list[dict]) -> list[int]:
@@ -255,7 +265,10 @@ class Engine:
             m.finish.labels(choice["finish_reason"]).inc()
             for a in choice["emotions"]["alerts"]:
                 m.alerts.labels(a["rule"]).inc()
-            if self.log_dir and choice["finish_reason"] != "cancelled":
+            if choice["finish_reason"] == "cancelled":  # nobody is listening, unless the server is stopping
+                job.emit("error", APIError(503, "the reply was cancelled: the server is shutting down"))
+                continue
+            if self.log_dir:
                 self._log(job, result)
             job.emit("done", result)
 

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -213,6 +214,15 @@ def test_queue_groups_equal_settings_and_serves_the_rest_in_turn(tiny_run):
         engine.submit(j)
     taken = [engine._take() for _ in range(3)]
     assert taken == [[jobs[0], jobs[2]], [jobs[1]], [jobs[3]]] and not engine._pending
+    # after a batch of two, the loop waits (up to batch_window) for a second request to join the first
+    engine.batch_window, engine._last_batch = 30.0, 2
+    late = [Job([], [1], a), Job([], [1], a)]
+    engine.submit(late[0])
+    threading.Timer(0.1, engine.submit, (late[1],)).start()
+    assert engine._take() == late
+    engine.batch_window = 0.05  # ... and no longer: a client that stopped does not stall the others
+    engine.submit(late[0])
+    assert engine._take() == [late[0]]
 
 
 def test_bad_requests_get_openai_errors(server):
