@@ -255,3 +255,27 @@ def test_bfloat16_default_keeps_fidelity(tmp_path, tokenizer):
     rho = np.mean([spearmanr(a, b)[0] for a, b in zip(ref, got)])
     top3 = np.mean([set(np.argsort(-a)[:3]) == set(np.argsort(-b)[:3]) for a, b in zip(ref, got)])
     assert rho >= 0.98 and top3 >= 0.8, (rho, top3)
+
+
+def test_eval_sample_written_twice_counts_once_its_last_entry(tmp_path):
+    """Inspect supersedes a requeued sample by writing its member again: the directory's
+    last entry of a name is the one that counts, as zipfile resolves names."""
+    path = tmp_path / "log.eval"
+    eval_archive(path, 2, zstd=False)
+    fresh = make_samples.fixture_inspect_sample(1)
+    fresh["messages"][1]["content"] = "the fresh record"
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("samples/1_epoch_1.json", json.dumps(fresh))
+    got = [c for c in read_file(path) if isinstance(c, Conversation)]
+    assert [c.source.split("!")[1] for c in got] == ["samples/2_epoch_1.json", "samples/1_epoch_1.json"]
+    assert got[1].messages[1]["content"] == "the fresh record"
+
+
+def test_eval_archive_over_65535_members_reads_through_zip64(tmp_path):
+    path = tmp_path / "big.eval"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for k in range(70_000):
+            zf.writestr(f"samples/{k}_epoch_1.json", b"{}" if k != 69_999 else json.dumps(good(k)).encode())
+    items = list(read_file(path, "inspect"))
+    assert sum(isinstance(i, Skipped) for i in items) == 69_999  # '{}' has no messages: reported, each
+    assert [c.id for c in items if isinstance(c, Conversation)] == [f"{path}#good69999"]

@@ -10,9 +10,9 @@ Inspect eval logs (``.eval`` zips, whose members may be Zstandard-compressed, an
 ``read_logs`` yields ``Conversation``s and ``Skipped`` records (a malformed line, member or
 file with its location and the reason) in one stream, so nothing is dropped silently.
 
-Readers stream: JSONL is read line by line, ``.eval`` archives member by member (a cut or
-damaged archive is read from its members' local headers), OTel and whole-file JSON one file
-at a time, so memory holds one record, never the input. Any failure inside a record, from
+Readers stream: JSONL is read line by line, ``.eval`` archives member by member from the
+front (so a cut archive still gives every member before the cut), OTel and whole-file JSON
+one file at a time, so memory holds one record, never the input. Any failure inside a record, from
 invalid UTF-8 to JSON nested too deep, skips that record only. Size limits keep one record
 from taking the machine: ``MAX_RECORD_BYTES`` per JSONL line or archive member,
 ``MAX_DOCUMENT_BYTES`` per whole-file document; larger ones are reported, never read.
@@ -192,28 +192,67 @@ def _is_anthropic(record: dict) -> bool:
 ZSTD = 93  # zip method id of Zstandard; Python's zipfile (before 3.14) cannot read it
 
 
-def zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
-    """Bytes of a zip member, Zstandard (method 93) included."""
-    if info.file_size > MAX_RECORD_BYTES:
-        raise LogFormatError(f"{info.filename}: member of {info.file_size} bytes is over the {MAX_RECORD_BYTES}-byte limit")
-    if info.compress_type != ZSTD:
-        return zf.read(info)
-    import zstandard
+SAMPLE = re.compile(r"samples/[^/]+\.json")
 
-    fp = zf.fp
-    fp.seek(info.header_offset)
-    header = fp.read(30)
-    if header[:4] != b"PK\x03\x04":
-        raise LogFormatError(f"{info.filename}: bad local header")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    fp.seek(info.header_offset + 30 + name_len + extra_len)
-    try:
-        data = zstandard.ZstdDecompressor().decompress(fp.read(info.compress_size), max_output_size=info.file_size)
-    except zstandard.ZstdError as e:
-        raise LogFormatError(f"{info.filename}: corrupt Zstandard data ({e})") from None
-    if len(data) != info.file_size or zipfile.crc32(data) != info.CRC:
-        raise LogFormatError(f"{info.filename}: corrupt member (size or CRC mismatch)")
+
+def inflate(method: int, raw: bytes, size: int, crc: int) -> bytes:
+    """A member's bytes from its compressed data (stored, deflate or Zstandard), checked
+    against its size and CRC."""
+    if size > MAX_RECORD_BYTES:
+        raise LogFormatError(f"member of {size} bytes is over the {MAX_RECORD_BYTES}-byte limit")
+    if method == 0:
+        data = raw
+    elif method == zipfile.ZIP_DEFLATED:
+        import zlib
+
+        try:
+            data = zlib.decompressobj(-15).decompress(raw, size + 1)
+        except zlib.error as e:
+            raise LogFormatError(f"corrupt deflate data ({e})") from None
+    elif method == ZSTD:
+        import zstandard
+
+        try:
+            data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=size)
+        except zstandard.ZstdError as e:
+            raise LogFormatError(f"corrupt Zstandard data ({e})") from None
+    else:
+        raise LogFormatError(f"unsupported compression method {method}")
+    if len(data) != size or zipfile.crc32(data) != crc:
+        raise LogFormatError("corrupt member (size or CRC mismatch)")
     return data
+
+
+def local_members(f) -> Iterator[tuple[int, str | None, bytes | Exception]]:
+    """(offset, name, bytes or why they are unreadable) of each member of a zip, read front
+    to back from the local headers, one at a time. When it cannot go on (damage, a cut, a
+    member whose sizes trail its data) it gives ``(offset, None, why)`` and stops."""
+    while True:
+        offset = f.tell()
+        head = f.read(30)
+        if not head or head[:4] in (b"PK\x01\x02", b"PK\x05\x06"):  # the central directory: done
+            return
+        if len(head) < 30 or head[:4] != b"PK\x03\x04":
+            yield offset, None, LogFormatError("no member header where one should start")
+            return
+        _, flags, method, _, _, crc, csize, usize, nlen, xlen = struct.unpack("<HHHHHIIIHH", head[4:30])
+        name = f.read(nlen).decode("utf-8", "replace")
+        f.seek(xlen, 1)
+        if flags & 0x08 or 0xFFFFFFFF in (csize, usize):
+            yield offset, None, LogFormatError("a member's sizes follow its data (data descriptor or zip64)")
+            return
+        if csize > MAX_RECORD_BYTES:
+            f.seek(csize, 1)
+            yield offset, name, LogFormatError(f"member of {csize} bytes is over the {MAX_RECORD_BYTES}-byte limit")
+            continue
+        raw = f.read(csize)
+        if len(raw) < csize:
+            yield offset, None, LogFormatError(f"the archive ends inside member {name}")
+            return
+        try:
+            yield offset, name, inflate(method, raw, usize, crc)
+        except LogFormatError as e:
+            yield offset, name, e
 
 
 def inspect_messages(sample: dict) -> list[dict]:
@@ -239,92 +278,122 @@ def _sample_id(sample: dict, fallback: str) -> str:
     return f"{sid}/epoch{sample['epoch']}" if "epoch" in sample else str(sid)
 
 
-def _sample(data: bytes, where: str, fallback: str, name: str) -> Conversation | Skipped:
+def _sample(data: bytes, where: str, member: str, name: str) -> Conversation | Skipped:
     try:
         sample = json.loads(data)
         if not isinstance(sample, dict):
             raise LogFormatError("sample is not a JSON object")
-        return Conversation(f"{name}#{_sample_id(sample, fallback)}", inspect_messages(sample), where)
+        return Conversation(f"{name}#{_sample_id(sample, Path(member).stem)}", inspect_messages(sample), where)
     except Exception as e:  # one bad sample, whatever is wrong with it, skips that sample only
         return Skipped(where, _why(e))
 
 
 def read_inspect_eval(path: Path, name: str) -> Iterator[Conversation | Skipped]:
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        yield from _salvage_eval(path, name, e)
-        return
-    with zf:
-        members = sorted((i for i in zf.infolist() if re.fullmatch(r"samples/[^/]+\.json", i.filename)),
-                         key=lambda i: _natural(i.filename))
-        if not members:
-            yield Skipped(name, "no samples/*.json in the .eval archive")
-        for info in members:
-            where = f"{name}!{info.filename}"
-            try:
-                data = zip_member(zf, info)
-            except Exception as e:
-                yield Skipped(where, _why(e))
-                continue
-            yield _sample(data, where, Path(info.filename).stem, name)
-
-
-def local_members(f) -> Iterator[tuple[str, bytes | Exception]]:
-    """(member name, bytes or the reason it is unreadable) of a zip read front to back from
-    its local headers, for an archive whose central directory (at its end) is cut off or
-    damaged. Stops at the first member it cannot get past."""
-    while True:
-        head = f.read(30)
-        if len(head) < 30 or head[:4] != b"PK\x03\x04":
-            return
-        _, flags, method, _, _, crc, csize, usize, nlen, xlen = struct.unpack("<HHHHHIIIHH", head[4:30])
-        member = f.read(nlen).decode("utf-8", "replace")
-        f.seek(xlen, 1)
-        if flags & 0x08 or csize == 0xFFFFFFFF:
-            yield member, LogFormatError("sizes kept in a data descriptor or zip64 record: cannot read past this member")
-            return
-        if usize > MAX_RECORD_BYTES or csize > MAX_RECORD_BYTES:
-            yield member, LogFormatError(f"member of {max(usize, csize)} bytes is over the {MAX_RECORD_BYTES}-byte limit")
-            f.seek(csize, 1)
-            continue
-        raw = f.read(csize)
-        if len(raw) < csize:
-            yield member, LogFormatError("cut short: the archive ends inside this member")
-            return
-        try:
-            if method == 0:
-                data = raw
-            elif method == 8:
-                import zlib
-
-                d = zlib.decompressobj(-15)
-                data = d.decompress(raw, usize + 1)
-            elif method == ZSTD:
-                import zstandard
-
-                data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=usize)
-            else:
-                raise LogFormatError(f"unsupported compression method {method}")
-            if len(data) != usize or zipfile.crc32(data) != crc:
-                raise LogFormatError("corrupt member (size or CRC mismatch)")
-        except Exception as e:
-            yield member, e
-            continue
-        yield member, data
-
-
-def _salvage_eval(path: Path, name: str, error: Exception) -> Iterator[Conversation | Skipped]:
-    found = 0
+    """Samples in the order the archive's central directory lists them, each read when its
+    turn comes: memory holds one sample and 8 bytes per member name, however many the
+    archive holds. A name written twice (Inspect supersedes a requeued sample that way)
+    counts once, its last entry. An archive whose directory is cut off or damaged is read
+    front to back from its local headers: every member before the damage is kept."""
     with open(path, "rb") as f:
-        for member, data in local_members(f):
-            if not re.fullmatch(r"samples/[^/]+\.json", member):
+        try:
+            superseded = _superseded(f)
+        except Exception as e:  # whatever is wrong with the directory, the members may still be readable
+            yield from _front_to_back(f, name, e)
+            return
+        found = 0
+        for member, offset, method, crc, csize, usize in _directory(f):
+            if not SAMPLE.fullmatch(member) or offset in superseded:
                 continue
             found += 1
             where = f"{name}!{member}"
-            yield Skipped(where, _why(data)) if isinstance(data, Exception) else _sample(data, where, Path(member).stem, name)
-    yield Skipped(name, f"damaged .eval zip ({error}): {found} sample member(s) read from their local headers"
+            try:
+                data = _member_at(f, offset, method, crc, csize, usize)
+            except Exception as e:
+                yield Skipped(where, _why(e))
+                continue
+            yield _sample(data, where, member, name)
+    if not found:
+        yield Skipped(name, "no samples/*.json in the .eval archive")
+
+
+def _front_to_back(f, name: str, error: Exception) -> Iterator[Conversation | Skipped]:
+    f.seek(0)
+    found, stop = 0, None
+    for offset, member, data in local_members(f):
+        if member is None:
+            stop = f" before byte {offset}, where {data}"
+            break
+        if SAMPLE.fullmatch(member):
+            found += 1
+            where = f"{name}!{member}"
+            yield Skipped(where, _why(data)) if isinstance(data, Exception) else _sample(data, where, member, name)
+    yield Skipped(name, f"damaged .eval zip ({error}); {found} sample member(s) read from the front{stop or ''}"
                   if found else f"not a readable .eval zip ({error})")
+
+
+def _directory(f) -> Iterator[tuple[str, int, int, int, int, int]]:
+    """(name, local header offset, method, CRC, compressed and full size) of each central
+    directory entry, read from disk one at a time (zip64 included)."""
+    f.seek(0, 2)
+    size = f.tell()
+    f.seek(max(0, size - 22 - 65535))
+    tail_at = f.tell()
+    tail = f.read()
+    i = tail.rfind(b"PK\x05\x06")
+    if i < 0 or len(tail) - i < 22:
+        raise LogFormatError("no end-of-directory record (cut short?)")
+    _, _, _, count, cd_size, cd_offset, _ = struct.unpack("<HHHHIIH", tail[i + 4:i + 22])
+    end = tail_at + i
+    if count == 0xFFFF or cd_offset == 0xFFFFFFFF:  # zip64: the real numbers are in the zip64 record
+        loc = tail[i - 20:i] if i >= 20 else b""
+        if loc[:4] != b"PK\x06\x07":
+            raise LogFormatError("zip64 archive without its locator")
+        f.seek(struct.unpack("<Q", loc[8:16])[0])
+        rec = f.read(56)
+        if len(rec) < 56 or rec[:4] != b"PK\x06\x06":
+            raise LogFormatError("zip64 end-of-directory record missing")
+        count, cd_size, cd_offset = struct.unpack("<QQQ", rec[32:56])
+        end = f.seek(0, 1) - 56
+    base = end - cd_size - cd_offset  # bytes prepended to the archive, as zipfile allows
+    if base < 0:
+        raise LogFormatError("central directory points outside the file")
+    pos = base + cd_offset
+    for _ in range(count):
+        f.seek(pos)
+        h = f.read(46)
+        if len(h) < 46 or h[:4] != b"PK\x01\x02":
+            raise LogFormatError(f"damaged central directory at byte {pos}")
+        _, _, _, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, offset = struct.unpack("<HHHHHHIIIHHHHHII", h[4:46])
+        member = f.read(nlen).decode("utf-8", "replace")
+        if 0xFFFFFFFF in (csize, usize, offset):
+            raise LogFormatError(f"member {member} needs zip64 sizes (over 4 GB)")
+        pos += 46 + nlen + xlen + clen
+        yield member, base + offset, method, crc, csize, usize
+
+
+def _superseded(f) -> set[int]:
+    """Offsets of the entries a later entry of the same name replaces (one pass over the
+    directory keeping 8-byte name hashes)."""
+    first: dict[int, int] = {}
+    out: set[int] = set()
+    for member, offset, *_ in _directory(f):
+        h = hash(member)
+        if h in first:
+            out.add(first[h])
+        first[h] = offset
+    return out
+
+
+def _member_at(f, offset: int, method: int, crc: int, csize: int, usize: int) -> bytes:
+    f.seek(offset)
+    head = f.read(30)
+    if head[:4] != b"PK\x03\x04":
+        raise LogFormatError("bad local header")
+    nlen, xlen = struct.unpack("<HH", head[26:30])
+    f.seek(offset + 30 + nlen + xlen)
+    if csize > MAX_RECORD_BYTES:
+        raise LogFormatError(f"member of {csize} bytes is over the {MAX_RECORD_BYTES}-byte limit")
+    return inflate(method, f.read(csize), usize, crc)
 
 
 def read_inspect_json(doc: dict, name: str) -> Iterator[Conversation | Skipped]:
@@ -340,10 +409,6 @@ def read_inspect_json(doc: dict, name: str) -> Iterator[Conversation | Skipped]:
             yield Conversation(f"{name}#{_sample_id(sample, str(k))}", inspect_messages(sample), where)
         except Exception as e:
             yield Skipped(where, _why(e))
-
-
-def _natural(s: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 # -- OpenTelemetry GenAI spans ----------------------------------------------------------
@@ -610,7 +675,7 @@ def read_file(path: str | Path, fmt: str | None = None) -> Iterator[Conversation
 
 def _read_chat(path: Path, name: str, fmt: str | None) -> Iterator[Conversation | Skipped]:
     """OpenAI or Anthropic records; without ``fmt``, decided per record (a file may mix them)."""
-    seen: set[str] = set()
+    seen: set[int] = set()  # hashes of the ids so far: a duplicate id gets its line appended
     for local, where, record in _chat_records(path, name):
         if isinstance(record, Exception):
             yield Skipped(where, _why(record))
@@ -620,12 +685,12 @@ def _read_chat(path: Path, name: str, fmt: str | None) -> Iterator[Conversation 
                 raise LogFormatError("record is not a JSON object")
             anthropic = fmt == "anthropic" if fmt else _is_anthropic(record)
             msgs = (anthropic_messages if anthropic else openai_messages)(record)
-            cid = f"{name}#{local}" if local not in seen else f"{name}#{local}@{where.rsplit(':', 1)[-1]}"
+            cid = f"{name}#{local}" if hash(local) not in seen else f"{name}#{local}@{where.rsplit(':', 1)[-1]}"
             meta = {k: record[k] for k in ("metadata",) if k in record}
         except Exception as e:  # one bad record, whatever is wrong with it, skips that record only
             yield Skipped(where, _why(e) if isinstance(e, LogFormatError) else f"malformed record ({_why(e)})")
             continue
-        seen.add(local)
+        seen.add(hash(local))
         yield Conversation(cid, msgs, where, meta)
 
 
