@@ -252,18 +252,26 @@ def risk_data(suites, Zs, split: dict) -> dict:
     return {"Z": Z, "y": y, "groups": np.array(g), "report": np.array(rep, bool)}
 
 
-def usable_verdict(auc: float, ci: tuple, side: str, groups: int) -> tuple[bool, str]:
+def usable_verdict(auc: float, ci: tuple, side: str, groups: int, pairs_auc: float | None) -> tuple[bool, str]:
     """The gate and its one-line reason: the lower CI bound of the held-out AUROC must
-    clear USABLE_AUROC (a point estimate over a handful of families proves little)."""
+    clear USABLE_AUROC (a point estimate over a handful of families proves little), and so
+    must the held-out AUROC on the fixed-number pairs alone: they are the one test where
+    the size of a number cannot carry the score (on the default model the sweeps pass the
+    first condition by ranking numbers while the pairs stay at chance)."""
     lo, hi = ci
     where = "report-side families and pair domains" if side == "report" else \
         "select-side groups (no report split: these also chose the form)"
     head = f"held-out AUROC {auc:.3f} [95% CI {lo:.3f}, {hi:.3f}] over {where}"
     if not np.isfinite(lo) or groups < MIN_GROUPS:
         return False, f"not usable: {head}; too few groups ({groups} < {MIN_GROUPS}) for a CI that means anything"
-    if lo >= USABLE_AUROC:
-        return True, f"usable: {head}; the lower bound clears {USABLE_AUROC}"
-    return False, f"not usable: {head}; the lower bound must clear {USABLE_AUROC}"
+    if lo < USABLE_AUROC:
+        return False, f"not usable: {head}; the lower bound must clear {USABLE_AUROC}"
+    if pairs_auc is None or not np.isfinite(pairs_auc):
+        return False, f"not usable: {head}, but no fixed-number pairs were held out to show it is not ranking numbers"
+    if pairs_auc < USABLE_AUROC:
+        return False, (f"not usable: {head}, but on the fixed-number pairs alone {pairs_auc:.3f} < {USABLE_AUROC}: "
+                       "it ranks the sizes of numbers, not danger")
+    return True, f"usable: {head}; the lower bound clears {USABLE_AUROC}, and the fixed-number pairs alone give {pairs_auc:.3f}"
 
 
 def risk_calibration(data: dict, labels: list[str]) -> dict | None:
@@ -292,9 +300,9 @@ def risk_calibration(data: dict, labels: list[str]) -> dict | None:
     auc = stats.auroc(pm, ym)
     ci = stats.group_bootstrap(lambda i: stats.auroc(pm[i], ym[i]), gm)
     rel = stats.reliability(pm, ym)
-    usable, reason = usable_verdict(auc, ci, side, len(np.unique(gm)))
     part = lambda mask: round(stats.auroc(pm[mask], ym[mask]), 4)  # noqa: E731
     is_pair = np.char.startswith(gm.astype(str), "pairs:")
+    usable, reason = usable_verdict(auc, ci, side, len(np.unique(gm)), part(is_pair) if is_pair.any() else None)
     per_group = {}
     for k in np.unique(g):
         mk = g == k
@@ -308,7 +316,7 @@ def risk_calibration(data: dict, labels: list[str]) -> dict | None:
         "doc": {"score": best["score"], "calibrator": best["calibrator"],
                 "selected_by": "leave-one-group-out Brier on the select side only",
                 "usable": bool(usable), "usable_reason": reason, "usable_rule": f"lower 95% CI bound of the held-out "
-                f"AUROC >= {USABLE_AUROC}", "side": side,
+                f"AUROC >= {USABLE_AUROC} and held-out AUROC on the fixed-number pairs alone >= {USABLE_AUROC}", "side": side,
                 "samples": int(len(y)), "groups": int(len(np.unique(g))), "families": int(len(np.unique(g[~np.char.startswith(g.astype(str), 'pairs:')]))),
                 "dangerous_fraction": round(float(y.mean()), 4),
                 "heldout": {"auroc": round(auc, 4), "auroc_ci95": [round(ci[0], 4), round(ci[1], 4)],

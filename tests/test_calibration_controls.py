@@ -164,21 +164,26 @@ def test_position_rule_keeps_the_reply_token_unless_clearly_beaten():
 
 
 # -- the risk's usable gate ---------------------------------------------------------------
-def synthetic(effect: float, n_groups: int = 16, seed: int = 0):
-    """Groups of 14 rows, half dangerous; afraid rises with danger by ``effect`` sd."""
+def synthetic(effect: float, n_groups: int = 16, seed: int = 0, pair_effect: float | None = None):
+    """Groups of 14 rows, half dangerous; afraid rises with danger by ``effect`` sd (by
+    ``pair_effect`` in the last four groups, the pair domains)."""
     rng = np.random.default_rng(seed)
     y = np.tile(np.arange(14) >= 7, n_groups).astype(float)
-    g = np.repeat([f"fam{i}" for i in range(n_groups)], 14)
-    Z = rng.normal(size=(len(y), 3)) + np.outer(y, [effect, -effect, 0])
+    names = [f"fam{i}" for i in range(n_groups - 4)] + [f"pairs:domain{i}" for i in range(4)]
+    g = np.repeat(names, 14)
+    sizes = np.where(np.char.startswith(g, "pairs:"), effect if pair_effect is None else pair_effect, effect)
+    Z = rng.normal(size=(len(y), 3)) + (y * sizes)[:, None] * np.array([1.0, -1.0, 0])
     return {"Z": Z, "y": y, "groups": g, "report": np.repeat(np.arange(n_groups) % 2 == 1, 14)}
 
 
-@pytest.mark.parametrize("effect,usable,words", [(3.0, True, "clears"), (0.0, False, "must clear")])
-def test_usable_gate_follows_the_lower_ci_bound(effect, usable, words):
-    r = risk_calibration(synthetic(effect), ["afraid", "calm", "happy"])["doc"]
+@pytest.mark.parametrize("effect,pair_effect,usable,words", [(3.0, 3.0, True, "clears"), (0.0, 0.0, False, "must clear"),
+                                                             (3.0, 0.0, False, "fixed-number pairs alone")])
+def test_usable_gate_follows_the_lower_ci_bound_and_the_pairs(effect, pair_effect, usable, words):
+    r = risk_calibration(synthetic(effect, pair_effect=pair_effect), ["afraid", "calm", "happy"])["doc"]
     lo, hi = r["heldout"]["auroc_ci95"]
     assert r["usable"] is usable and words in r["usable_reason"] and "\n" not in r["usable_reason"]
-    assert r["usable"] == (lo >= 0.6) and lo <= r["heldout"]["auroc"] <= hi
+    pairs = r["heldout"]["auroc_pairs_only"]
+    assert r["usable"] == (lo >= 0.6 and pairs >= 0.6) and lo <= r["heldout"]["auroc"] <= hi
     assert r["side"] == "report" and r["heldout"]["groups"] == 8
 
 
