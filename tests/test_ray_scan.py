@@ -149,13 +149,14 @@ def test_a_killed_driver_resumes_with_no_line_lost_or_doubled(cluster, work, tmp
         time.sleep(0.02)
         try:
             done = len(json.loads(manifest.read_text())["shards"])
-        except (FileNotFoundError, json.JSONDecodeError):  # (never half-written: a rename; but not there yet)
+        except FileNotFoundError:  # not there yet (and never half-written: json.loads would raise)
             pass
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the scan ended before it could be killed"
     done = len(json.loads(manifest.read_text())["shards"])
     assert 2 <= done < 10 and not (out / "scan.jsonl").exists()
     s = ray_scan(work, out, shard_size=5)
+    assert not list(out.rglob(".*.tmp"))  # a temp file the kill left behind is gone
     assert s["this_run"]["already_done"] == 5 * done and s["this_run"]["conversations"] == N - 5 * done
     same_as_local(work, out, s)
 

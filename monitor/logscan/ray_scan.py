@@ -92,17 +92,16 @@ class Scorer:
 
     def __call__(self, batch: dict) -> dict:
         convs = [Conversation(**json.loads(c)) for c in batch["conv"]]
-        marker = self.faults.get("fail_once")
-        if marker:
-            try:
-                os.remove(marker)  # atomic: exactly one actor call in the cluster gets here
-                os._exit(1)
-            except FileNotFoundError:
-                pass
         time.sleep(self.faults.get("delay", 0))
         t0 = time.perf_counter()
         results = scan_batch(self.reader, convs, self.rules, self.detail, **self.kw)
         busy = (time.perf_counter() - t0) / max(len(convs), 1)  # the actor's own time, for per-actor throughput
+        if self.faults.get("fail_once"):
+            try:
+                os.remove(self.faults["fail_once"])  # atomic: exactly one actor call in the cluster gets here
+                os._exit(1)  # the batch is scored, its result lost
+            except FileNotFoundError:
+                pass
         return {"shard": batch["shard"], "pos": batch["pos"],
                 "lines": [("".join(json.dumps(ln, ensure_ascii=False) + "\n" for ln in lines)) for _, lines, _ in results],
                 "tokens": [n for _, _, n in results], "seconds": [busy] * len(results),
@@ -160,6 +159,8 @@ def scan_on_ray(paths: Sequence[str | Path], run: str | Path, out_dir: str | Pat
     if manifest["key"] != key:
         raise ValueError(f"{out_dir} was written with other settings ({manifest['key']}); use another --out or --overwrite")
     shard_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in [*shard_dir.glob(".*.tmp"), *out_dir.glob(".*.tmp")]:  # left by a killed driver
+        tmp.unlink(missing_ok=True)
 
     skipped: list[dict] = []
     shards = read_shards(paths, fmt, shard_size, skipped)
@@ -197,7 +198,8 @@ def scan_on_ray(paths: Sequence[str | Path], run: str | Path, out_dir: str | Pat
         rows = [{"shard": k, "pos": i, "conv": json.dumps(vars(c), ensure_ascii=False, default=str)}
                 for k in todo for i, c in enumerate(shards[k])]
         shards = [len(c) for c in shards]  # the driver keeps counts; the texts are in the object store
-        with warnings.catch_warnings():  # Ray 2.60 names no parameter for these yet (default: retry forever)
+        # Ray Data retries forever by default; a batch that kills its actor every time should end the scan.
+        with warnings.catch_warnings():  # Ray 2.60 has no named parameter for these yet
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
             ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 200))).map_batches(
                 Scorer, batch_size=batch_size, batch_format="numpy",
@@ -209,22 +211,24 @@ def scan_on_ray(paths: Sequence[str | Path], run: str | Path, out_dir: str | Pat
         del rows
         bar = tqdm(unit="tok", unit_scale=True, desc="scan (ray)", disable=not progress, file=sys.stderr, dynamic_ncols=True)
         waiting: dict[int, dict[int, tuple[str, int]]] = {k: {} for k in todo}
-        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            busy += float(b["seconds"].sum())
-            rss = [max(rss[0], float(b["rss_loaded_mb"].max())), max(rss[1], float(b["rss_peak_mb"].max()))]
-            for k, i, text, n in zip(b["shard"], b["pos"], b["lines"], b["tokens"]):
-                k = int(k)
-                waiting[k][int(i)] = (str(text), int(n))
-                n_tok, n_conv = n_tok + int(n), n_conv + 1
-                bar.update(int(n))
-                if len(waiting[k]) == shards[k]:
-                    done = waiting.pop(k)
-                    record(k, [done[j][0] for j in range(shards[k])], sum(v[1] for v in done.values()))
-        bar.close()
+        try:
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                busy += float(b["seconds"].sum())
+                rss = [max(rss[0], float(b["rss_loaded_mb"].max())), max(rss[1], float(b["rss_peak_mb"].max()))]
+                for k, i, text, n in zip(b["shard"], b["pos"], b["lines"], b["tokens"]):
+                    k = int(k)
+                    waiting[k][int(i)] = (str(text), int(n))
+                    n_tok, n_conv = n_tok + int(n), n_conv + 1
+                    bar.update(int(n))
+                    if len(waiting[k]) == shards[k]:
+                        done = waiting.pop(k)
+                        record(k, [done[j][0] for j in range(shards[k])], sum(v[1] for v in done.values()))
+        finally:
+            bar.close()
+            if started:
+                ray.shutdown()
         if waiting:
             raise RuntimeError(f"Ray returned no result for shards {sorted(waiting)}; run the scan again to resume")
-        if started:
-            ray.shutdown()
     seconds = time.perf_counter() - t0
 
     _atomic_write(out, ((shard_dir / f"{k:05d}.jsonl").read_text(encoding="utf-8") for k in range(len(shards))))
