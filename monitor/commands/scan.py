@@ -77,9 +77,8 @@ def run(args) -> int:
                               rules=rules, fmt=args.format, actors=args.actors, num_gpus=args.num_gpus,
                               shard_size=args.shard_size, address=args.address, overwrite=args.overwrite,
                               detail=args.detail, progress=not args.quiet,
-                              scan_kwargs={"max_message_tokens": args.max_message_tokens or None}
-                              if hasattr(args, "max_message_tokens") else None,
-                              reader_kwargs={"dtype": args.dtype} if hasattr(args, "dtype") else None)
+                              scan_kwargs={"max_message_tokens": args.max_message_tokens or None},
+                              reader_kwargs={"dtype": args.dtype})
         args.out = str(Path(args.out) / "scan.jsonl")
     else:
         threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
