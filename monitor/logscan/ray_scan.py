@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .readers import Conversation, Skipped, read_logs
-from .scan import _settings, make_rules, scan_batch, summarize, summary_path
+from .scan import _settings, id_hash, make_rules, scan_batch, summarize, summary_path
 
 MISSING = "the Ray engine needs Ray: pip install 'emoprobe[ray]'"
 SHARD_SIZE = 256  # conversations per shard: the unit of resume
@@ -62,15 +62,15 @@ def read_shards(paths, fmt, shard_size: int, skipped: list[dict]) -> list[list[C
     """The conversations of the logs in input order, cut into shards of ``shard_size``;
     malformed input and duplicate ids go to ``skipped`` exactly as in the local scan."""
     shards: list[list[Conversation]] = [[]]
-    seen: set[str] = set()
+    seen: set[int] = set()  # id hashes, as the local scan keeps
     for item in read_logs(paths, fmt):
         if isinstance(item, Skipped):
             skipped.append({"source": item.source, "reason": item.reason})
             print(f"emoprobe scan: skipped {item.source}: {item.reason}", file=sys.stderr)
-        elif item.id in seen:
+        elif id_hash(item.id) in seen:
             skipped.append({"source": item.source, "reason": f"duplicate conversation id {item.id}"})
         else:
-            seen.add(item.id)
+            seen.add(id_hash(item.id))
             if len(shards[-1]) == shard_size:
                 shards.append([])
             shards[-1].append(item)
