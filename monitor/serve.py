@@ -75,6 +75,7 @@ class Job:
     stream: bool = False
     per_token: bool = False
     top: int = 3
+    usage: bool = False  # stream_options.include_usage
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
@@ -169,10 +170,17 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the generation thread is running (what ``/health`` reports)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._closed:
                 raise APIError(503, "the server is shutting down")
+            if self._thread is not None and not self._thread.is_alive():
+                raise APIError(503, "the generation thread has stopped; restart the server")
             self._pending.append(job)
             self.metrics.queue.set(len(self._pending))
             self._cond.notify()
@@ -255,22 +263,33 @@ class Engine:
         m.readout.observe(trace.readout_seconds / max(1, sum(trace.lengths)))
         alerts, stopped = trace.alerts, trace.stopped
         for b, job in enumerate(jobs):
-            n = trace.lengths[b]
-            result = self._result(job, out[b, P:P + n].tolist(), trace.sequence(b),
-                                  [a for a in alerts if a.sequence == b], stopped[b])
-            choice = result["choices"][0]
-            m.requests.labels("cancelled" if choice["finish_reason"] == "cancelled" else "ok").inc()
-            m.prompt_tokens.inc(len(job.ids))
-            m.tokens.inc(n)
-            m.finish.labels(choice["finish_reason"]).inc()
-            for a in choice["emotions"]["alerts"]:
-                m.alerts.labels(a["rule"]).inc()
-            if choice["finish_reason"] == "cancelled":  # nobody is listening, unless the server is stopping
-                job.emit("error", APIError(503, "the reply was cancelled: the server is shutting down"))
-                continue
-            if self.log_dir:
+            try:
+                self._answer(job, out[b, P:P + trace.lengths[b]].tolist(), trace.sequence(b),
+                             [a for a in alerts if a.sequence == b], stopped[b])
+            except Exception as e:  # noqa: BLE001 - one row's failure answers that row, the loop goes on
+                log.exception("answering a reply failed")
+                m.requests.labels("error").inc()
+                job.emit("error", APIError(500, f"the reply could not be answered: {type(e).__name__}: {e}"))
+
+    def _answer(self, job: Job, gen: list[int], z: np.ndarray, alerts, stopped: int | None) -> None:
+        m, n = self.metrics, len(gen)
+        result = self._result(job, gen, z, alerts, stopped)
+        choice = result["choices"][0]
+        m.requests.labels("cancelled" if choice["finish_reason"] == "cancelled" else "ok").inc()
+        m.prompt_tokens.inc(len(job.ids))
+        m.tokens.inc(n)
+        m.finish.labels(choice["finish_reason"]).inc()
+        for a in choice["emotions"]["alerts"]:
+            m.alerts.labels(a["rule"]).inc()
+        if choice["finish_reason"] == "cancelled":  # nobody is listening, unless the server is stopping
+            job.emit("error", APIError(503, "the reply was cancelled: the server is shutting down"))
+            return
+        if self.log_dir:
+            try:
                 self._log(job, result)
-            job.emit("done", result)
+            except OSError as e:  # the client still gets its reply; the operator gets the error
+                log.error("could not write the conversation log: %s", e)
+        job.emit("done", result)
 
     def _result(self, job: Job, gen: list[int], z: np.ndarray, alerts, stopped: int | None) -> dict:
         """The OpenAI ``chat.completion`` object of one row, with its readout."""
@@ -462,11 +481,19 @@ def parse_request(engine: Engine, body) -> Job:
         raise APIError(400, f"'emotions.top' must be a whole number in [1, {len(engine.labels)}]", "emotions.top")
     settings = Settings(max_tokens, _number(body, "temperature", 1.0, 0, 2), _number(body, "top_p", 1.0, 0, 1, True),
                         tuple(stop), seed)
-    ids = engine.encode(messages)
+    try:
+        ids = engine.encode(messages)
+    except Exception as e:  # noqa: BLE001 - e.g. a template that refuses a role, or text the tokenizer cannot take
+        raise APIError(400, f"the messages cannot be rendered with the model's chat template: {type(e).__name__}: {e}",
+                       "messages") from None
     if engine.context and len(ids) + max_tokens > engine.context:
         raise APIError(400, f"the prompt ({len(ids)} tokens) plus {key} ({max_tokens}) exceeds the model's context "
                        f"of {engine.context} tokens", "messages", "context_length_exceeded")
-    return Job(messages, ids, settings, stream=stream, per_token=bool(opts.get("per_token")), top=top)
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict) or not isinstance(stream_options.get("include_usage", False), bool):
+        raise APIError(400, "'stream_options' takes {\"include_usage\": bool}", "stream_options")
+    return Job(messages, ids, settings, stream=stream, per_token=bool(opts.get("per_token")), top=top,
+               usage=bool(stream_options.get("include_usage")))
 
 
 # -- HTTP ----------------------------------------------------------------------------------
@@ -504,8 +531,7 @@ def create_app(engine: Engine, api_key: str | None = None):
         job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
         engine.submit(job)
         if job.stream:
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_sse(engine, job, usage), media_type="text/event-stream")
+            return StreamingResponse(_sse(engine, job, job.usage), media_type="text/event-stream")
         try:
             while True:
                 kind, payload = await job.events.get()
@@ -532,6 +558,8 @@ def create_app(engine: Engine, api_key: str | None = None):
         return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def health(request):
+        if not engine.alive:
+            return JSONResponse({"status": "down", "model": engine.name, "reason": "the generation thread has stopped"}, 503)
         return JSONResponse({"status": "ok", "model": engine.name})
 
     async def http_error(request, exc):
