@@ -49,8 +49,9 @@ def row(run: Path) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | read at (layer) | families pass with controls / without | contamination median (IQR) | "
-             "pairs right, report side (p) | pairs right, all 50 (p) | risk AUROC held out [95% CI] | Brier / ECE | usable |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "pairs right, report side (p) | pairs right, all 50 (p) | risk AUROC held out [95% CI] | on the pairs alone | "
+             "Brier / ECE | usable |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         r, p = x["risk"], x["pairs"]
         lines.append(
@@ -58,7 +59,8 @@ def markdown(rows: list[dict]) -> str:
             f" | {x['contamination_median']:.2f} ({x['contamination_iqr'][0]:.2f}-{x['contamination_iqr'][1]:.2f})"
             f" | {p['report']['right']}/{p['report']['pairs']} ({p['report']['sign_test_p']:.2g})"
             f" | {p['all']['right']}/{p['all']['pairs']} ({p['all']['sign_test_p']:.2g})"
-            f" | {r['auroc']:.2f} [{r['auroc_ci95'][0]:.2f}, {r['auroc_ci95'][1]:.2f}] | {r['brier']:.3f} / {r['ece']:.3f}"
+            f" | {r['auroc']:.2f} [{r['auroc_ci95'][0]:.2f}, {r['auroc_ci95'][1]:.2f}] | {r['auroc_pairs_only']:.2f}"
+            f" | {r['brier']:.3f} / {r['ece']:.3f}"
             f" | {'yes' if r['usable'] else 'no'} |")
     return "\n".join(lines)
 
