@@ -178,6 +178,11 @@ class OnnxReader(BaseReader):
     def has_risk(self) -> bool:
         return "risk" in self.outputs
 
+    @property
+    def spec(self) -> str:
+        """What reads (as ``TorchReader.spec``): the graph file."""
+        return f"onnx:{self.file.name}"
+
     # -- one forward pass -------------------------------------------------------------
     def run(self, input_ids, attention_mask) -> dict[str, np.ndarray]:
         """The graph on a padded batch [B, T] (int64): {"scores": [B, T, n], "risk": [B, T]}."""

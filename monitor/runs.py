@@ -19,6 +19,19 @@ def open_run(run: str | Path, model: str | None = None, device: str | None = Non
     return bank, hf_model, tok
 
 
+def reader_spec(backend: str, device: str | None = None, dtype: str = "float32") -> str:
+    """The ``spec`` the reader ``open_reader`` would build has, without building it (a scan's
+    workers build theirs later; the scan records it up front)."""
+    if backend == "onnx":
+        from exporters.reader import MONITOR
+
+        return f"onnx:{MONITOR}"
+    from probes.capture import default_device
+    from probes.models import resolve_dtype
+
+    return f"torch:{resolve_dtype(dtype, device or default_device())}"
+
+
 def open_reader(run: str | Path, backend: str = "torch", model: str | None = None, device: str | None = None,
                 threads: int | None = None, batch_size: int = 16, dtype: str = "float32"):
     """A reader for a run: ``torch`` (the HF model on ``device``, default cuda when

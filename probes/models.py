@@ -199,20 +199,33 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
     )
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def native_bf16(device: str) -> bool:
-    """Whether ``device`` runs bfloat16 matmuls natively: a CUDA GPU that supports them, or
-    a CPU with AMX or AVX512-BF16 units (elsewhere bfloat16 is emulated, slower than fp32)."""
+    """Whether ``device`` runs bfloat16 matmuls natively: a CUDA GPU with bf16 units (not
+    emulated), or a CPU with AMX or AVX512-BF16 (elsewhere bfloat16 is slower than fp32)."""
     import torch
 
     if str(device).startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        with torch.cuda.device(torch.device(device)):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     if str(device) != "cpu":
         return False
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = CPUINFO.read_text()
     except OSError:
         return False
     return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``"auto"`` -> bfloat16 where ``device`` runs it natively, else float32; others as given."""
+    if dtype == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    return dtype
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, dtype: str = "float32",
@@ -225,8 +238,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, trust_remote_code: bool = F
     from .capture import default_device
 
     device = device or default_device()
-    if dtype == "auto":
-        dtype = "bfloat16" if native_bf16(device) else "float32"
+    dtype = resolve_dtype(dtype, device)
     name, path = resolve(name_or_path)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)

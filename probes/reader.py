@@ -10,9 +10,8 @@ from typing import Sequence
 import numpy as np
 
 from .bank import ProbeBank
-from .tokens import POOLS, encode_chat, read_windowed
+from .tokens import POOLS, check_position, encode_chat, read_position, read_windowed
 
-CHAT_AT = ("reply", "user", "user_mean")
 
 
 
@@ -84,19 +83,12 @@ class BaseReader:
         model the position that carries the user's emotion, chosen on training data), or
         ``"reply-K"``: the template token K places before the reply-opening one (where a
         calibration may choose to read: ``bank.meta["calibration"]["position"]["at"]``)."""
-        k = int(at[6:]) if at.startswith("reply-") and at[6:].isdigit() and int(at[6:]) > 0 else 0
-        if at not in CHAT_AT and not k:
-            raise ValueError(f"at must be one of {CHAT_AT} or 'reply-K' (K >= 1), got {at!r}")
+        check_position(at)
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": ""}]
         enc = [encode_chat(self.tokenizer, msgs[:-1] + [{"role": "user", "content": t}], generation_prompt=True)
                for t in user_texts]
         scores = self.score_ids([e[1] for e in enc])
-        if k and any(len(s) - 1 - k <= e[3][-1][-1] for s, e in zip(scores, enc)):
-            raise ValueError(f"position {at!r} lies inside the user's turn: the template has fewer than {k} "
-                             f"tokens between the user's text and the reply")
-        pick = {"reply": lambda s, m: s[-1], "user": lambda s, m: s[m[-1]], "user_mean": lambda s, m: s[m].mean(0)}.get(
-            at, lambda s, m: s[-1 - k])
-        return np.stack([pick(s, e[3][-1]) for s, e in zip(scores, enc)])
+        return np.stack([read_position(s, at, e[3][-1]) for s, e in zip(scores, enc)])
 
 
 class TorchReader(BaseReader):
@@ -115,6 +107,12 @@ class TorchReader(BaseReader):
         W, b = bank.head()
         device = model_device(model)
         self._W, self._b = torch.from_numpy(W).to(device), torch.from_numpy(b).to(device)
+
+    @property
+    def spec(self) -> str:
+        """What reads: the backend and the weights' dtype (a scan records it, so a resume
+        cannot mix precisions)."""
+        return f"torch:{str(next(self.model.parameters()).dtype).removeprefix('torch.')}"
 
     def forward(self, ids, mask):
         import torch

@@ -27,7 +27,8 @@ FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCh
 KEYS = st.sampled_from(["messages", "role", "content", "type", "text", "tool_calls", "function", "arguments", "name",
                         "system", "samples", "id", "epoch", "choices", "message", "request", "response", "parts",
                         "attributes", "resourceSpans", "scopeSpans", "spans", "gen_ai.input.messages", "error"])
-LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False), st.text(max_size=8),
+LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False),
+                   st.text(st.characters(blacklist_categories=()), max_size=8),  # lone surrogates too
                    st.sampled_from(["user", "assistant", "tool", "text", "tool_use", "tool_result", "image", "[oops"]))
 JSONISH = st.recursive(LEAVES, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                        st.dictionaries(KEYS, inner, max_size=5)), max_leaves=25)
@@ -279,3 +280,47 @@ def test_eval_archive_over_65535_members_reads_through_zip64(tmp_path):
     items = list(read_file(path, "inspect"))
     assert sum(isinstance(i, Skipped) for i in items) == 69_999  # '{}' has no messages: reported, each
     assert [c.id for c in items if isinstance(c, Conversation)] == [f"{path}#good69999"]
+
+
+def test_lone_surrogates_are_replaced_not_fatal(reader, tmp_path):
+    """A cut emoji is valid JSON ("\\ud83d") but not UTF-8: the message is read with U+FFFD
+    in its place, and the output file (ids and sources included) stays valid UTF-8."""
+    path = tmp_path / "log.jsonl"
+    path.write_text(json.dumps({"id": "x\ud83d", "messages": [{"role": "user", "content": "cut \ud83d emoji"}]}) + "\n")
+    out = tmp_path / "scan.jsonl"
+    s = scan([path], out, reader, progress=False)
+    line, = [json.loads(x) for x in out.read_bytes().decode("utf-8").splitlines()]
+    assert s["conversations"] == 1 and not s["skipped"] and line["conversation"].endswith("x\ufffd")
+
+
+@pytest.mark.parametrize("flags,device,want", [(" fpu amx_bf16 avx512f", "cpu", "bfloat16"),
+                                               (" fpu avx512_bf16", "cpu", "bfloat16"),
+                                               (" fpu avx2 avx512f", "cpu", "float32"),
+                                               (" amx_bf16", "mps", "float32")])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_the_units(tmp_path, monkeypatch, flags, device, want):
+    from probes import models
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t:{flags}\n")
+    monkeypatch.setattr(models, "CPUINFO", info)
+    assert models.resolve_dtype("auto", device) == want
+    assert models.resolve_dtype("float32", device) == "float32"
+    from monitor.runs import reader_spec
+
+    assert reader_spec("torch", device, "auto") == f"torch:{want}" and reader_spec("onnx") == "onnx:monitor.onnx"
+
+
+def test_a_resume_in_another_precision_is_refused(reader, tmp_path):
+    import torch
+
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(good(k)) + "\n" for k in range(3)))
+    out = tmp_path / "scan.jsonl"
+    scan([path], out, reader, progress=False)
+    assert json.loads((tmp_path / "scan.summary.json").read_text())["settings"]["reader"] == "torch:float32"
+    half = TorchReader(reader.model.to(torch.bfloat16), reader.tokenizer, reader.bank)
+    try:
+        with pytest.raises(ValueError, match="other settings"):
+            scan([path], out, half, progress=False)
+    finally:
+        reader.model.to(torch.float32)

@@ -55,7 +55,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import os
 
-    from monitor.runs import open_reader
+    from monitor.runs import open_reader, reader_spec
     from monitor.logscan.scan import format_summary, make_rules, scan, summary_path
     from probes.bank import ProbeBank
 
@@ -87,7 +87,8 @@ def run(args) -> int:
         reader = factory if args.workers > 1 else factory()
         summary = scan(args.logs, args.out, reader, bank=bank, rules=rules, fmt=args.format,
                        workers=args.workers, progress=not args.quiet, overwrite=args.overwrite, detail=args.detail,
-                       max_message_tokens=args.max_message_tokens or None)
+                       max_message_tokens=args.max_message_tokens or None,
+                       reader_spec=reader_spec(args.backend, args.device, args.dtype))
     print(format_summary(summary))
     print(f"\nwrote {args.out} and {summary_path(Path(args.out))}")
     if args.html:

@@ -19,7 +19,6 @@ writes, byte for byte in format, so ``--html`` and ``report.py`` read them uncha
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -29,8 +28,8 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .readers import Conversation, Skipped, read_logs
-from .scan import _settings, id_hash, make_rules, scan_batch, summarize, summary_path
+from .readers import Conversation, Skipped, id_hash, read_logs
+from .scan import make_rules, scan_batch, scan_settings, summarize, summary_path
 
 MISSING = "the Ray engine needs Ray: pip install 'emoprobe[ray]'"
 SHARD_SIZE = 256  # conversations per shard: the unit of resume
@@ -143,10 +142,17 @@ def scan_on_ray(paths: Sequence[str | Path], run: str | Path, out_dir: str | Pat
 
     if actors < 1 or shard_size < 1 or batch_size < 1:
         raise ValueError("actors, shard size and batch size must be at least 1")
+    from monitor.runs import reader_spec
+    from probes.capture import default_device
+    from probes.models import resolve_dtype
+
     bank = ProbeBank.load(run)
     rules = list(make_rules(bank) if rules is None else rules)
-    takes = inspect.signature(_settings).parameters  # the scan options the local scan records
-    settings = _settings(bank, rules, detail, **{k: v for k, v in (scan_kwargs or {}).items() if k in takes})
+    reader_kwargs = dict(reader_kwargs or {})
+    if backend == "torch":  # "auto" resolved once, here, as a local scan would: every actor reads in one dtype
+        reader_kwargs["dtype"] = resolve_dtype(reader_kwargs.get("dtype", "float32"), device or default_device())
+    spec = reader_spec(backend, device, reader_kwargs.get("dtype", "float32"))
+    settings = scan_settings(bank, rules, detail, **(scan_kwargs or {}), reader=spec)  # what the local scan records
     key = {"settings": settings, "scan_kwargs": scan_kwargs or {}, "reader_kwargs": reader_kwargs or {},
            "shard_size": shard_size, "format": fmt}
     out_dir = Path(out_dir)
@@ -192,32 +198,33 @@ def scan_on_ray(paths: Sequence[str | Path], run: str | Path, out_dir: str | Pat
             started = address is None
         from tqdm import tqdm
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        cpus = cpus_per_actor or _cpus_per_actor(ray, actors)
-        rows = [{"shard": k, "pos": i, "conv": json.dumps(vars(c), ensure_ascii=False, default=str)}
-                for k in todo for i, c in enumerate(shards[k])]
-        shards = [len(c) for c in shards]  # the driver keeps counts; the texts are in the object store
-        # Ray Data retries forever by default; a batch that kills its actor every time should end the scan.
-        with warnings.catch_warnings():  # Ray 2.60 has no named parameter for these yet
-            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
-            ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 200))).map_batches(
-                Scorer, batch_size=batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=num_gpus or None,
-                fn_constructor_kwargs=dict(run=str(run), backend=backend, model=model, device=device, threads=cpus,
-                                           rules=rules, detail=detail, scan_kwargs=scan_kwargs,
-                                           reader_kwargs=reader_kwargs, faults=_faults),
-                max_restarts=max_retries, max_task_retries=max_retries)
-        del rows
         bar = tqdm(unit="tok", unit_scale=True, desc="scan (ray)", disable=not progress, file=sys.stderr, dynamic_ncols=True)
         waiting: dict[int, dict[int, tuple[str, int]]] = {k: {} for k in todo}
-        try:
+        try:  # from here on, a cluster this scan started is shut down whatever happens
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            cpus = cpus_per_actor or _cpus_per_actor(ray, actors)
+            rows = [{"shard": k, "pos": i, "conv": json.dumps(vars(c), ensure_ascii=False, default=str)}
+                    for k in todo for i, c in enumerate(shards[k])]
+            shards = [len(c) for c in shards]  # the driver keeps counts; the texts are in the object store
+            # Ray Data retries forever by default; a batch that kills its actor every time should end the scan.
+            with warnings.catch_warnings():  # Ray 2.60 has no named parameter for these yet
+                warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+                ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 200))).map_batches(
+                    Scorer, batch_size=batch_size, batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=num_gpus or None,
+                    fn_constructor_kwargs=dict(run=str(run), backend=backend, model=model, device=device, threads=cpus,
+                                               rules=rules, detail=detail, scan_kwargs=scan_kwargs,
+                                               reader_kwargs=reader_kwargs, faults=_faults),
+                    max_restarts=max_retries, max_task_retries=max_retries)
+            del rows
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 busy += float(b["seconds"].sum())
                 rss = [max(rss[0], float(b["rss_loaded_mb"].max())), max(rss[1], float(b["rss_peak_mb"].max()))]
                 for k, i, text, n in zip(b["shard"], b["pos"], b["lines"], b["tokens"]):
-                    k = int(k)
-                    waiting[k][int(i)] = (str(text), int(n))
+                    k, i = int(k), int(i)
+                    if k not in waiting or i in waiting[k]:  # a retried block sent it again: counted once
+                        continue
+                    waiting[k][i] = (str(text), int(n))
                     n_tok, n_conv = n_tok + int(n), n_conv + 1
                     bar.update(int(n))
                     if len(waiting[k]) == shards[k]:

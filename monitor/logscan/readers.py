@@ -19,6 +19,7 @@ from taking the machine: ``MAX_RECORD_BYTES`` per JSONL line or archive member,
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -40,6 +41,27 @@ class Conversation:
     messages: list[dict]  # {"role", "content", "id"}; content is non-empty text
     source: str  # where it came from: "file", "file:line" or "file!member"
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):  # a lone surrogate (a cut emoji, valid JSON) would fail the tokenizer and the output file
+        self.id, self.source = utf8(self.id), utf8(self.source)
+        self.messages = [{k: utf8(v) if isinstance(v, str) else v for k, v in m.items()} for m in self.messages]
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8(s: str) -> str:
+    """``s`` if it encodes as UTF-8, else with each lone surrogate replaced by U+FFFD."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", s)
+
+
+def id_hash(text: str) -> int:
+    """8 bytes standing for an id, for the sets that find repeats without holding the ids."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 @dataclass
@@ -377,7 +399,7 @@ def _superseded(f) -> set[int]:
     first: dict[int, int] = {}
     out: set[int] = set()
     for member, offset, *_ in _directory(f):
-        h = hash(member)
+        h = id_hash(member)
         if h in first:
             out.add(first[h])
         first[h] = offset
@@ -675,7 +697,7 @@ def read_file(path: str | Path, fmt: str | None = None) -> Iterator[Conversation
 
 def _read_chat(path: Path, name: str, fmt: str | None) -> Iterator[Conversation | Skipped]:
     """OpenAI or Anthropic records; without ``fmt``, decided per record (a file may mix them)."""
-    seen: set[int] = set()  # hashes of the ids so far: a duplicate id gets its line appended
+    seen: set[int] = set()  # id hashes so far: a duplicate id gets its line appended
     for local, where, record in _chat_records(path, name):
         if isinstance(record, Exception):
             yield Skipped(where, _why(record))
@@ -685,12 +707,12 @@ def _read_chat(path: Path, name: str, fmt: str | None) -> Iterator[Conversation 
                 raise LogFormatError("record is not a JSON object")
             anthropic = fmt == "anthropic" if fmt else _is_anthropic(record)
             msgs = (anthropic_messages if anthropic else openai_messages)(record)
-            cid = f"{name}#{local}" if hash(local) not in seen else f"{name}#{local}@{where.rsplit(':', 1)[-1]}"
+            cid = f"{name}#{local}" if id_hash(local) not in seen else f"{name}#{local}@{where.rsplit(':', 1)[-1]}"
             meta = {k: record[k] for k in ("metadata",) if k in record}
         except Exception as e:  # one bad record, whatever is wrong with it, skips that record only
             yield Skipped(where, _why(e) if isinstance(e, LogFormatError) else f"malformed record ({_why(e)})")
             continue
-        seen.add(hash(local))
+        seen.add(id_hash(local))
         yield Conversation(cid, msgs, where, meta)
 
 

@@ -12,7 +12,8 @@ cut, finished conversations are skipped, and no line is ever written twice.
 
 Memory stays flat in the input's size: logs are streamed (``readers``), conversations are
 read a batch at a time, and the summary keeps running totals and the top conversations
-only. What grows is one 8-byte hash per conversation id (duplicates and resume).
+only. What grows is one id hash per conversation (duplicates and resume: about 70 bytes
+each in a Python set, 7 MB per 100,000 conversations).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import numpy as np
 from monitor.rules import AllOf, AnyOf, Rule, Threshold, parse_rule
 from probes.tokens import encode_chat
 
-from .readers import Conversation, Skipped, read_logs
+from .readers import Conversation, Skipped, id_hash, read_logs
 
 DEFAULT_WATCH = ("desperate", "panicked", "afraid", "hostile", "angry", "calm<")
 DEFAULT_Z = 3.0  # alert threshold (z-score) when the bank carries no calibrated one
@@ -260,16 +261,15 @@ def finished(out: Path) -> set[int]:
     return done
 
 
-def _settings(bank, rules, detail, max_message_tokens=MAX_MESSAGE_TOKENS) -> dict:
+def scan_settings(bank, rules, detail, max_message_tokens=MAX_MESSAGE_TOKENS, reader: str | None = None) -> dict:
+    """What a scan's output depends on; a resume with other settings is refused. ``reader``
+    is the reader's ``spec`` (backend and dtype), so float32 and bfloat16 lines never mix."""
+    if max_message_tokens is not None and (isinstance(max_message_tokens, bool) or max_message_tokens < 1):
+        raise ValueError(f"max_message_tokens must be at least 1 (or None), got {max_message_tokens}")
     ident = json.dumps([bank.labels, bank.layer, bank.model, bank.readout], sort_keys=True)
     return {"bank": hashlib.sha256(ident.encode()).hexdigest()[:16], "model": bank.model.get("name"),
             "layer": bank.layer, "calibrated": bank.calibrated, "rules": [str(r) for r in rules], "detail": detail,
-            "max_message_tokens": max_message_tokens}
-
-
-def id_hash(cid: str) -> int:
-    """8 bytes standing for a conversation id: what the scan keeps per conversation."""
-    return int.from_bytes(hashlib.blake2b(cid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+            "max_message_tokens": max_message_tokens, "reader": reader}
 
 
 def summary_path(out: Path) -> Path:
@@ -306,16 +306,16 @@ def _work(convs):
 def scan(paths: Sequence[str | Path], out: str | Path, reader, *, bank=None, rules: Sequence[Rule] | None = None,
          fmt: str | None = None, workers: int = 1, progress: bool = True,
          overwrite: bool = False, detail: bool = True, max_chars: int = 120_000,
-         max_message_tokens: int | None = MAX_MESSAGE_TOKENS) -> dict:
+         max_message_tokens: int | None = MAX_MESSAGE_TOKENS, reader_spec: str | None = None) -> dict:
     """Scan log files into ``out`` (JSONL, one line per message) and return the summary,
     also written to ``<out stem>.summary.json``.
 
     ``reader`` is a reader (``probes.reader.BaseReader``) or, for ``workers > 1``, a
     picklable zero-argument factory that builds one in each worker process. ``bank``
     defaults to the reader's; ``rules`` default to ``make_rules(bank)``; each message is
-    read up to ``max_message_tokens`` (None: whole), the cut noted in its line."""
-    if max_message_tokens is not None and max_message_tokens < 1:
-        raise ValueError(f"max_message_tokens must be at least 1 (or None), got {max_message_tokens}")
+    read up to ``max_message_tokens`` (None: whole), the cut noted in its line.
+    ``reader_spec`` (default: the reader's ``spec``) goes into the settings; pass it with a
+    factory (``monitor.runs.reader_spec``)."""
     out = Path(out)
     factory = None if hasattr(reader, "score_ids") else reader
     if factory is not None and workers <= 1:
@@ -324,7 +324,7 @@ def scan(paths: Sequence[str | Path], out: str | Path, reader, *, bank=None, rul
     if bank is None:
         raise ValueError("scan needs the probe bank (pass bank=... with a reader factory)")
     rules = list(make_rules(bank) if rules is None else rules)
-    settings = _settings(bank, rules, detail, max_message_tokens)
+    settings = scan_settings(bank, rules, detail, max_message_tokens, reader_spec or getattr(reader, "spec", None))
     spath = summary_path(out)
     if overwrite:
         out.unlink(missing_ok=True)
