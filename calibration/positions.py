@@ -10,27 +10,14 @@ everywhere, so choosing a position costs one pass.
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
-from probes.tokens import encode_chat
-
-FIXED = ("user", "user_mean", "reply")
-REPLY_K = re.compile(r"^reply-([1-9][0-9]*)$")
+from probes.tokens import check_position, encode_turn, read_position as pick
 
 
 def check_at(at: str) -> None:
-    if at not in FIXED and at != "auto" and not REPLY_K.match(at):
-        raise ValueError(f"at must be 'auto', 'reply', 'user', 'user_mean' or 'reply-K' (K >= 1), got {at!r}")
-
-
-def encode_turn(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    """Token ids of the one-turn chat as every reader renders it, and the user's tokens."""
-    _, ids, _, members = encode_chat(tokenizer, [{"role": "user", "content": text}], generation_prompt=True)
-    if not members[-1]:
-        raise ValueError(f"user turn {text!r} has no tokens of its own in the rendered chat")
-    return ids, members[-1]
+    if at != "auto":
+        check_position(at)
 
 
 def template_gap(ids: list[int], user: list[int]) -> int:
@@ -41,24 +28,6 @@ def template_gap(ids: list[int], user: list[int]) -> int:
 def position_names(gap: int) -> list[str]:
     """All positions, in reading order, for chats with at least ``gap`` template tokens."""
     return ["user_mean", "user", *[f"reply-{k}" for k in range(gap, 0, -1)], "reply"]
-
-
-def pick(states: np.ndarray, at: str, user: list[int]) -> np.ndarray:
-    """The row(s) of per-token ``states`` [tokens, ...] that position ``at`` reads."""
-    if at == "user_mean":
-        return states[user].mean(0)
-    if at == "user":
-        return states[user[-1]]
-    if at == "reply":
-        return states[-1]
-    m = REPLY_K.match(at)
-    if not m:
-        raise ValueError(f"unknown read position {at!r}")
-    k = int(m.group(1))
-    if len(states) - 1 - k <= user[-1]:
-        raise ValueError(f"position {at!r} lies inside the user's turn for this template (only "
-                         f"{template_gap(list(range(len(states))), user)} template tokens follow it)")
-    return states[-1 - k]
 
 
 def sweep(model, tokenizer, bank, texts: list[str], batch_size: int = 16, chunk: int = 32, bar=None) -> dict:

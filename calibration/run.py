@@ -130,19 +130,6 @@ def unflatten(suites, rows, scores: np.ndarray) -> list:
     return out
 
 
-def suite_readouts(reader, suites, at: str = "reply", bar=None, chunk: int = 64) -> list:
-    """Readouts of every suite at one position, in one batched pass (batching never changes
-    a readout, so mixing suites in a batch is safe); shaped as ``unflatten`` says."""
-    rows = suite_rows(suites)
-    texts = [r[-1] for r in rows]
-    scores = []
-    for i in range(0, len(texts), chunk):
-        scores.append(reader.read_chat(texts[i:i + chunk], at=at))
-        if bar is not None:
-            bar.update(len(texts[i:i + chunk]))
-    return unflatten(suites, rows, np.concatenate(scores) if scores else np.zeros((0, len(reader.labels))))
-
-
 # -- analysis ----------------------------------------------------------------------------
 def family_result(fam, Z: np.ndarray, labels: list[str], min_rho: float, Zc: np.ndarray | None = None) -> dict:
     """Curves (mean over paraphrases), Spearman rho per emotion, and per expected emotion

@@ -2,6 +2,7 @@
 long-text windows, the batching loop, and the one chat renderer."""
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Sequence
 
@@ -193,9 +194,38 @@ def chat_prompt(tokenizer, user_text: str, system: str | None = None) -> str:
     return render_chat(tokenizer, messages, generation_prompt=True)[0]
 
 
-def chat_read_positions(tokenizer, user_text: str, system: str | None = None) -> tuple[list[int], int, int]:
-    """Token ids of a one-turn chat, the index of the token that opens the assistant's
-    reply (the last prompt token), and the index of the last token of the user's text."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
-    _, ids, _, members = encode_chat(tokenizer, messages, generation_prompt=True)
-    return ids, len(ids) - 1, members[-1][-1]
+def encode_turn(tokenizer, user_text: str) -> tuple[list[int], list[int]]:
+    """Token ids of a one-turn chat as every reader renders it (up to the token that opens
+    the reply, the last one), and the indices of the user's own tokens."""
+    _, ids, _, members = encode_chat(tokenizer, [{"role": "user", "content": user_text}], generation_prompt=True)
+    if not members[-1]:
+        raise ValueError(f"user turn {user_text!r} has no tokens of its own in the rendered chat")
+    return ids, members[-1]
+
+
+CHAT_AT = ("reply", "user", "user_mean")
+REPLY_K = re.compile(r"^reply-([1-9][0-9]*)$")
+
+
+def check_position(at: str) -> None:
+    if at not in CHAT_AT and not REPLY_K.match(at):
+        raise ValueError(f"read position must be 'reply', 'user', 'user_mean' or 'reply-K' (K >= 1), got {at!r}")
+
+
+def read_position(states, at: str, user: Sequence[int]):
+    """The row(s) of a one-turn chat's per-token ``states`` [tokens, ...] that ``at`` reads:
+    ``reply`` (the token that opens the reply, the paper's), ``user`` (the user's last
+    token), ``user_mean`` (the mean over the user's tokens ``user``) or ``reply-K`` (the
+    template token K places before ``reply``)."""
+    if at == "user_mean":
+        return states[list(user)].mean(0)
+    if at == "user":
+        return states[user[-1]]
+    if at == "reply":
+        return states[-1]
+    check_position(at)
+    k = int(REPLY_K.match(at).group(1))
+    if len(states) - 1 - k <= user[-1]:
+        raise ValueError(f"position {at!r} lies inside the user's turn: the template has fewer than {k} "
+                         "tokens between the user's text and the reply")
+    return states[-1 - k]

@@ -12,7 +12,8 @@ from hypothesis.extra.numpy import arrays
 from calibration import (NeutralSet, SuiteError, builtin_suites, calibrate_run, neutral_set, parse_suite,
                          risk_from_scores, risk_head)
 from calibration import stats
-from calibration.run import raw_reader, read_neutral, suite_readouts
+from calibration import positions
+from calibration.run import raw_reader, read_neutral, suite_rows
 from monitor.cli import main as cli
 from probes.bank import ProbeBank
 from probes.reader import TorchReader
@@ -182,13 +183,11 @@ OTHER = {"name": "other", "families": [
 def test_curves_do_not_depend_on_batch_composition(tiny, bank_for):
     model, tok = tiny
     bank = bank_for(model, tok)
-    s = parse_suite(SMALL)
-    alone = suite_readouts(raw_reader(model, tok, bank, batch_size=1), [s])[0]
-    shuffled = parse_suite({**SMALL, "families": SMALL["families"][::-1]})
-    mixed = suite_readouts(raw_reader(model, tok, bank, batch_size=5), [parse_suite(OTHER), shuffled])[1][::-1]
-    for a, b in zip(alone, mixed):
-        np.testing.assert_allclose(a["danger"], b["danger"], atol=1e-4)
-    np.testing.assert_allclose(alone[0]["control"], mixed[0]["control"], atol=1e-4)
+    texts = [r[-1] for r in suite_rows([parse_suite(SMALL)])]  # every prompt, controls included
+    other = [r[-1] for r in suite_rows([parse_suite(OTHER)])]
+    alone = positions.sweep(model, tok, bank, texts, batch_size=1)["bank"]
+    mixed = positions.sweep(model, tok, bank, other + texts[::-1], batch_size=5, chunk=7)["bank"][len(other):][::-1]
+    np.testing.assert_allclose(alone, mixed, atol=1e-4)
 
 
 @pytest.fixture
@@ -327,7 +326,10 @@ def test_real_model_reads_suites_and_chat_tokens(bank_for, tmp_path):
     fam = [s for s in builtin_suites() if s.name == "paper"][0].families[0]
     tylenol = parse_suite({"name": "t", "families": [{"name": "tylenol", "templates": list(fam.templates[:2]),
                                                       "levels": list(fam.levels), "expect": {"afraid": "increasing"}}]})
-    a = suite_readouts(reader, [tylenol])[0][0]["danger"]
-    b = suite_readouts(raw_reader(model, tok, bank, batch_size=3), [tylenol])[0][0]["danger"]
-    assert a.shape == (2, 7, len(bank.labels))
-    np.testing.assert_allclose(a, b, atol=1e-3 * np.abs(a).max())
+    texts = [r[-1] for r in suite_rows([tylenol])]
+    a = positions.sweep(model, tok, bank, texts)
+    b = positions.sweep(model, tok, bank, texts, batch_size=3)["bank"]
+    reply = a["positions"].index("reply")
+    assert a["bank"].shape[0] == 2 * 7 and a["bank"].shape[2] == len(bank.labels)
+    np.testing.assert_allclose(a["bank"], b, atol=1e-3 * np.abs(a["bank"]).max())
+    np.testing.assert_allclose(a["bank"][:2, reply], reader.read_chat(texts[:2]), atol=1e-3 * np.abs(a["bank"]).max())

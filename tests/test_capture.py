@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from probes.architectures import decoder_layers
 from probes.capture import hidden_states, pad_batch, pool, pooled_states, token_states
-from probes.tokens import chat_read_positions, windows
+from probes.tokens import encode_turn, read_position, windows
 
 TEXTS = ["i took 4 mg of tylenol for my back pain .", "the dog is home", "help",
          "we must fix the code now , the tests still fail again and again and the deadline is at night ."]
@@ -100,11 +100,16 @@ def test_long_text_read_in_windows_matches_short_reads(tiny_llama):
     np.testing.assert_allclose(long[:24], full[:24], atol=1e-4)  # tokens the first window owns are exact
 
 
-def test_chat_read_positions(tokenizer):
-    seq, reply, user_last = chat_read_positions(tokenizer, "i took 8 mg of tylenol")
-    toks = tokenizer.convert_ids_to_tokens(seq)
-    assert reply == len(seq) - 1 and toks[reply] == "assistant"  # the tiny tokenizer drops the newline
-    assert toks[user_last] == "tylenol"
+def test_read_positions_of_a_turn(tokenizer):
+    seq, user = encode_turn(tokenizer, "i took 8 mg of tylenol")
+    toks = np.array(tokenizer.convert_ids_to_tokens(seq))
+    assert read_position(toks, "reply", user) == "assistant"  # the tiny tokenizer drops the newline
+    assert read_position(toks, "user", user) == "tylenol" and list(toks[user]) == "i took 8 mg of tylenol".split()
+    assert read_position(toks, "reply-1", user) == toks[-2] and len(seq) - 2 > user[-1]
+    with pytest.raises(ValueError, match="inside the user's turn"):
+        read_position(toks, f"reply-{len(seq) - user[-1] - 1}", user)
+    with pytest.raises(ValueError, match="read position must be"):
+        read_position(toks, "reply-0", user)
 
 
 def test_check_layer_out_of_range(tiny_llama):
@@ -139,7 +144,7 @@ def test_one_renderer_for_every_reader(tokenizer):
 def test_messages_are_found_after_the_template_text_that_contains_them(tokenizer):
     """SmolLM2's template opens with a default system prompt ("You are a helpful AI
     assistant..."): a user turn "help" must map to its own tokens, not the prompt's."""
-    from probes.tokens import chat_read_positions, encode_chat
+    from probes.tokens import encode_chat
 
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = ("<|im_start|>system\nyou help the user .<|im_end|>\n" + tok.chat_template)
@@ -147,8 +152,8 @@ def test_messages_are_found_after_the_template_text_that_contains_them(tokenizer
                                                     {"role": "assistant", "content": "user"}])
     assert [text[offsets[m[0]][0]:offsets[m[-1]][1]] for m in members] == ["help", "user"]
     assert text.index("help") < offsets[members[0][0]][0]  # the system prompt's "help" is not the message
-    ids, reply, user_last = chat_read_positions(tok, "help")
-    assert tok.decode([ids[user_last]]).strip() == "help" and user_last > 5
+    ids, user = encode_turn(tok, "help")
+    assert tok.decode([ids[user[-1]]]).strip() == "help" and user[-1] > 5
 
 
 @given(st.lists(st.integers(1, 200), min_size=1, max_size=6), st.integers(8, 64), st.integers(1, 5))

@@ -17,8 +17,9 @@ def register(sub) -> None:
     p.add_argument("--no-save", action="store_true", help="write the results but leave the bank unchanged")
     p.add_argument("--model", help="model name or directory (default: the bank's model)")
     p.add_argument("--device", help="torch device for the model (default: cuda when present, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights for reading (bfloat16: ~3x faster on CPUs with bf16 units)")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                   help="weights for reading (bfloat16: ~3x faster on CPUs with bf16 units; auto: bfloat16 where "
+                        "the device runs it natively)")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=run)
 
@@ -26,14 +27,11 @@ def register(sub) -> None:
 def run(args) -> int:
     from calibration import calibrate_run, resolve_suites
     from calibration.positions import check_at
-    from probes.bank import ProbeBank
-    from probes.models import check_fingerprint, fingerprint, load_model
+    from monitor.runs import open_run
 
     check_at(args.at)
     suites = resolve_suites(args.suite)  # validate before loading anything heavy
-    bank = ProbeBank.load(args.run)
-    model, tok = load_model(args.model or bank.model["name"], dtype=args.dtype, device=args.device)
-    check_fingerprint(bank.model, fingerprint(model, tok), what=f"probe bank {args.run}")
+    bank, model, tok = open_run(args.run, args.model, args.device, args.dtype)
     bank = calibrate_run(args.run, model, tok, bank, suites=suites, out=args.out, at=args.at, fpr=args.fpr,
                          batch_size=args.batch_size, save=not args.no_save)
     print(summary_table(args.run))
