@@ -4,11 +4,15 @@ naive way, in the same run on the same conversations:
 - naive: one conversation at a time, torch, full forward with ``output_hidden_states``
   (every layer and the LM head), the read layer's states through the bank's head;
 - scan/torch: ``monitor.logscan.scan.scan`` end to end (render, tokenize, batched forward that
-  stops at the read layer, per-message scores, flags, JSONL written);
-- scan/onnx: the same with the ONNX reader, when the run has an export;
+  stops at the read layer, per-message scores, flags, JSONL written), float32;
+- scan/torch bfloat16: the same with the model in bfloat16 (the scan's default where the
+  CPU has AMX/AVX512-BF16 units or on a GPU);
+- scan/onnx and scan/onnx int8: the same with the ONNX readers, when the run has an export;
 - scan/torch xN workers (with ``--workers N``; includes starting the workers).
 
-Also checks that the naive and scanned per-message mean scores agree. Writes JSON.
+Fidelity of each way against float32 torch on the same tokens: per-token Spearman over
+the emotions (mean over tokens) and the share of tokens with the same top-3 emotions; and
+the largest difference of per-message mean scores against the naive way. Writes JSON.
 
     python benchmarks/bench_scan.py --run runs/default --copies 3 --out benchmarks/results/scan.json
 """
@@ -71,6 +75,17 @@ def timed_scan(path, reader, bank, rules, workers=1) -> tuple[float, int, list[n
     return seconds, s["this_run"]["tokens"], means, s
 
 
+def fidelity(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
+    """Per-token agreement of two readers' scores [tokens, emotions] on the same sequences."""
+    from scipy.stats import spearmanr
+
+    a, b = np.concatenate(ref), np.concatenate(got)
+    rho = [spearmanr(x, y)[0] for x, y in zip(a, b)]
+    top3 = np.mean([set(np.argsort(-x)[:3]) == set(np.argsort(-y)[:3]) for x, y in zip(a, b)])
+    return {"spearman_per_token": round(float(np.mean(rho)), 4), "spearman_min": round(float(np.min(rho)), 4),
+            "top3_same": round(float(top3), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="runs/default", help="run directory (a random bank of the right shape if missing)")
@@ -92,24 +107,31 @@ def main() -> None:
     convs = conversations(args.copies)
     tmp = Path(tempfile.mkdtemp())
     logs = write_jsonl(convs, tmp / "logs.jsonl")
-    naive(model, tok, bank, convs[:1]), timed_scan(logs, reader, bank, rules)  # warm up both paths
+    readers = {"scan_torch": reader, "scan_torch_bf16": TorchReader(load_model(dtype="bfloat16")[0], tok, bank)}
+    if run is not None and (run / "export").is_dir():
+        from exporters import load
+
+        readers["scan_onnx"] = load(run)
+        if (run / "export" / "monitor.int8.onnx").is_file():
+            readers["scan_onnx_int8"] = load(run, int8=True)
+    ways = {"naive": lambda: naive(model, tok, bank, convs)}
+    ways.update({name: (lambda r=r: timed_scan(logs, r, bank, rules)[:3]) for name, r in readers.items()})
+    naive(model, tok, bank, convs[:1])
+    for r in readers.values():  # warm up every path
+        timed_scan(logs, r, bank, rules)
 
     result = {"model": bank.model.get("name"), "layer": bank.layer, "bank": str(run) if run else "synthetic",
               "conversations": len(convs), "torch_threads": torch.get_num_threads(), "machine": platform.platform(),
               "cpu": platform.processor() or platform.machine(), "ways": {}}
     best = {}
-    for _ in range(args.repeats):  # interleaved, so background load hits both ways alike
-        for name, fn in [("naive", lambda: naive(model, tok, bank, convs)),
-                         ("scan_torch", lambda: timed_scan(logs, reader, bank, rules)[:3])]:
+    for _ in range(args.repeats):  # interleaved, so background load hits every way alike
+        for name, fn in ways.items():
             s, n, means = fn()
             if name not in best or s < best[name][0]:
                 best[name] = (s, n, means)
-    if run is not None and (run / "export").is_dir():
-        from exporters import load
-
-        onnx = load(run)
-        timed_scan(logs, onnx, bank, rules)
-        best["scan_onnx"] = min((timed_scan(logs, onnx, bank, rules)[:3] for _ in range(args.repeats)), key=lambda r: r[0])
+    ids = [encode(tok, c).ids for c in convs]
+    ref = reader.score_ids(ids)
+    agree = {name: fidelity(ref, r.score_ids(ids)) for name, r in readers.items() if name != "scan_torch"}
     if args.workers > 1 and run is not None:
         from monitor.runs import open_reader
 
@@ -121,7 +143,8 @@ def main() -> None:
     for name, (s, n, means) in best.items():
         diff = max(float(np.abs(a - b).max()) for a, b in zip(means, best["naive"][2]))
         result["ways"][name] = {"seconds": round(s, 3), "tokens": n, "tokens_per_s": round(n / s, 1),
-                                "speedup_vs_naive": round(n / s / base, 2), "max_abs_diff_vs_naive": round(diff, 4)}
+                                "speedup_vs_naive": round(n / s / base, 2), "max_abs_diff_vs_naive": round(diff, 4),
+                                **({"vs_float32_torch": agree[name]} if name in agree else {})}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
