@@ -89,16 +89,9 @@ def choose(scores: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray, def
 
     auc = {p: stats.auroc(s, y) for p, s in scores.items()}
     best = max(auc, key=lambda p: np.nan_to_num(auc[p], nan=-1))
-    rng = np.random.default_rng(0)
-    uniq = np.unique(groups)
-    members = [np.flatnonzero(groups == g) for g in uniq]
-    diffs = []
-    for _ in range(n_boot if best != default else 0):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
-        d = stats.auroc(scores[best][idx], y[idx]) - stats.auroc(scores[default][idx], y[idx])
-        if np.isfinite(d):
-            diffs.append(d)
-    se = float(np.std(diffs)) if diffs else 0.0
+    diffs = stats.group_resamples(lambda i: stats.auroc(scores[best][i], y[i]) - stats.auroc(scores[default][i], y[i]),
+                                  groups, n_boot) if best != default else np.zeros(0)
+    se = float(np.std(diffs)) if len(diffs) else 0.0
     chosen = best if best != default and auc[best] - auc[default] > 2 * se else default
     return {"auroc": {p: round(float(a), 4) for p, a in auc.items()}, "best": best, "default": default,
             "diff_se": round(se, 4), "chosen": chosen,

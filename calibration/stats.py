@@ -202,19 +202,21 @@ def pair_stats(diff: np.ndarray) -> dict:
             "sign_test_p": sign_test(k, n), "mean_diff": round(float(diff.mean()), 4) if len(diff) else float("nan")}
 
 
-def group_bootstrap(metric, groups: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple:
-    """Percentile CI of ``metric(index array)`` resampling whole groups with replacement
-    (families, pair domains): items of one family are not independent draws. Resamples
-    where the metric is undefined (one class) are skipped."""
+def group_resamples(metric, groups: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """``metric(index array)`` over ``n_boot`` resamples of whole groups with replacement
+    (families, pair domains: items of one family are not independent draws); resamples
+    where the metric is undefined (one class) are left out."""
     rng = np.random.default_rng(seed)
     uniq = np.unique(groups)
     members = [np.flatnonzero(groups == g) for g in uniq]
-    vals = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
-        v = metric(idx)
-        if np.isfinite(v):
-            vals.append(v)
+    vals = (metric(np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])) for _ in range(n_boot))
+    return np.array([v for v in vals if np.isfinite(v)], float)
+
+
+def group_bootstrap(metric, groups: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple:
+    """Percentile CI of ``metric(index array)`` over ``group_resamples``; NaN when most
+    resamples leave it undefined."""
+    vals = group_resamples(metric, groups, n_boot, seed)
     if len(vals) < n_boot / 2:
         return float("nan"), float("nan")
     a = (1 - level) / 2

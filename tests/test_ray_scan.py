@@ -47,10 +47,12 @@ def write_logs(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ.update(ENV)
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:  # Ray's settings for these tests only
+        for k, v in ENV.items():
+            mp.setenv(k, v)
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False)
+        yield ray.get_runtime_context().gcs_address
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
