@@ -204,7 +204,8 @@ def test_concurrent_async_clients_are_batched_and_read_as_if_alone(server):
                                     client.chat.completions.create(messages=chat(PROMPTS[4]), **other))
 
     engine = server.engine
-    with held_until(engine.model, lambda: len(engine._pending) >= 4):  # the first call runs once the rest are queued
+    queued = lambda: len(engine._pending) + len(engine._running) >= 5  # noqa: E731
+    with held_until(engine.model, queued):  # the first call runs once all five requests are in
         *batched, last = asyncio.run(together())
     after = metrics(server)
     for a, b in zip(alone, batched):

@@ -127,7 +127,10 @@ class Encoded:
     ids: list[int]
     offsets: np.ndarray  # [tokens, 2] character offsets
     members: list[np.ndarray]  # token indices of each message
-    cuts: list[dict | None]  # per message: what a token cap cut off, else None
+    cuts: list[dict | None] | None = None  # per message: what a token cap cut off (None: nothing)
+
+    def __post_init__(self):
+        self.cuts = self.cuts or [None] * len(self.members)
 
 
 def cap_message(tokenizer, content: str, max_tokens: int | None) -> tuple[str, dict | None]:
