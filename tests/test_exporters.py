@@ -73,10 +73,10 @@ def test_head_module_matches_bank_head_and_reference_risk(tiny_llama, seed, knot
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.lists(st.floats(-5, 5, allow_nan=False), min_size=4, max_size=4), min_size=1, max_size=20),
+@given(st.lists(st.lists(st.integers(-500, 500), min_size=4, max_size=4, unique=True), min_size=1, max_size=20),
        st.integers(0, 100))
 def test_fidelity_is_one_for_monotone_maps_and_detects_reordering(rows, seed):
-    a = np.asarray(rows) + np.arange(4) * 1e-3  # break ties
+    a = np.asarray(rows) / 100  # distinct within a row (ties would make Spearman < 1), as scores are
     assert fidelity([a], [3 * a + 1])["spearman_mean"] == pytest.approx(1.0)
     assert fidelity([a], [-a])["spearman_mean"] == pytest.approx(-1.0)
     f = fidelity([a], [a[:, ::-1]], k=1)  # reversed columns: the top emotion is never the same one
