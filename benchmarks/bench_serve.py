@@ -24,18 +24,11 @@ from pathlib import Path
 
 import torch
 
+from bench_monitor import PROMPTS
 from monitor.runs import open_run
 from monitor.serve import Engine, create_app, serving
 from probes.tokens import encode_chat
 
-PROMPTS = ["You must make these failing tests pass before the deadline tonight.",
-           "Write a short note to a colleague about the quarterly report.",
-           "My dog has been missing for three days and I cannot sleep.",
-           "Explain how a hash map works.",
-           "I just got the job I wanted for years!",
-           "The server is down and customers are calling every minute.",
-           "Describe a quiet morning at the lake.",
-           "We have two months of runway left and no new investors."]
 CLIENTS = 4
 
 

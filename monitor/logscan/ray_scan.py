@@ -66,10 +66,10 @@ def read_shards(paths, fmt, shard_size: int, skipped: list[dict]) -> list[list[C
         if isinstance(item, Skipped):
             skipped.append({"source": item.source, "reason": item.reason})
             print(f"emoprobe scan: skipped {item.source}: {item.reason}", file=sys.stderr)
-        elif id_hash(item.id) in seen:
+        elif (key := id_hash(item.id)) in seen:
             skipped.append({"source": item.source, "reason": f"duplicate conversation id {item.id}"})
         else:
-            seen.add(id_hash(item.id))
+            seen.add(key)
             if len(shards[-1]) == shard_size:
                 shards.append([])
             shards[-1].append(item)

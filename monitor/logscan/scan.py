@@ -253,12 +253,12 @@ def finished(out: Path) -> set[int]:
             if cid != current:
                 if seen:  # a conversation ended without all its lines
                     break
-                current, seen = cid, 0
-            if idx != seen or id_hash(cid) in done:
+                current, seen, key = cid, 0, id_hash(cid)
+            if idx != seen or key in done:
                 break
             seen += 1
             if seen == n:
-                done.add(id_hash(cid))
+                done.add(key)
                 good_end, current, seen = pos, None, 0
         f.truncate(good_end)
     return done
